@@ -12,7 +12,6 @@ venv: $(STAMP)
 # torch is pinned to the CPU build through constraints.txt; the package itself accepts torch>=2.4.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)

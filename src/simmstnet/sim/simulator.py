@@ -1,0 +1,258 @@
+"""The simulator's entry points: draw scenarios, run them, save and load them.
+
+One scenario = one city drawn from a parameter space, simulated over the whole time span:
+geometry -> radio -> demand -> serving, congestion, attribution -> noise, scale, mask ->
+TrafficGrid with values (T, H, W, C) float32. Scenario ``i`` of seed ``s`` always gives the same
+grid, whatever the number of scenarios or worker processes (its random streams come from
+``SeedSequence(s, spawn_key=(i,))``).
+
+On disk: one scenario is one TrafficGrid ``.npz``; several are a folder of
+``scenario-0000.npz`` ... plus ``index.json`` (files, preset, seed, parameters). Every command
+that takes simulated data reads both through :func:`load_sim_data`.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from simmstnet.data.grid import SERVICES, TrafficGrid
+from simmstnet.errors import UserError
+from simmstnet.sim import demand as dm
+from simmstnet.sim import measurement as ms
+from simmstnet.sim.geometry import build_city, place_sites
+from simmstnet.sim.radio import build_radio
+from simmstnet.sim.randomization import ParamSpace, build_space, sample_params, space_to_yaml
+from simmstnet.utils import atomic_path, format_step, parse_step
+
+INDEX_NAME = "index.json"
+TIMEZONE = "Europe/Rome"
+MAX_CELLS = 1_000_000
+
+
+def parse_start(start: str | int, timezone: str = TIMEZONE) -> int:
+    """Epoch seconds of a local start date/time (``2013-11-01`` = midnight Europe/Rome)."""
+    if isinstance(start, (int, np.integer)) and not isinstance(start, bool):
+        return int(start)
+    try:
+        ts = pd.Timestamp(str(start))
+    except (ValueError, TypeError):
+        raise UserError(f"--start: cannot read {start!r} as a date (use e.g. 2013-11-01)") from None
+    ts = ts.tz_localize(timezone) if ts.tzinfo is None else ts
+    return int(ts.tz_convert("UTC").timestamp())
+
+
+def _check_shape(rows: int, cols: int, days: float, step: int, services: Sequence[str]) -> int:
+    for name, v in (("rows", rows), ("cols", cols)):
+        if int(v) != v or v < 1:
+            raise UserError(f"--{name} must be a positive whole number, got {v}")
+    if rows * cols > MAX_CELLS:
+        raise UserError(f"--rows x --cols = {rows * cols} squares is more than {MAX_CELLS}")
+    if not days > 0:
+        raise UserError(f"--days must be positive, got {days}")
+    if 86400 % step:
+        raise UserError(f"--step {format_step(step)} does not divide a day")
+    T = int(round(days * 86400 / step))
+    if T < 1:
+        raise UserError(f"--days {days} is shorter than one {format_step(step)} step")
+    bad = [s for s in services if s not in SERVICES]
+    if bad or not services or len(set(services)) != len(services):
+        raise UserError(f"--services: expected distinct names from {', '.join(SERVICES)}, got {list(services)}")
+    return T
+
+
+def _service_channel(service: str, city, cal, radio, step: int, p: dict, events: list,
+                     demand_seq: np.random.SeedSequence, noise_seq: np.random.SeedSequence):
+    """What the operator books for one service: (T, N) float32 in output units, congestion info."""
+    lam = dm.demand(city, cal, service, step, p, events, np.random.default_rng(demand_seq))
+    rng = np.random.default_rng(noise_seq)
+    carried, cong = ms.carried_by_sector(lam, radio, step, saturate=(service == "net"), p=p, rng=rng)
+    del lam
+    if service == "net":
+        # volume noise is set for 10-minute steps; a longer step sums independent bursts.
+        # Session bursts happen in sectors, so most of the noise is shared by the squares a
+        # sector covers (neighbour correlation); a smaller part is per square.
+        sigma = p["net_noise_sigma"] * float(np.sqrt(600 / step))
+        carried = ms.volume_noise(carried, sigma, p["net_noise_df"], rng)
+        booked = ms.volume_noise(ms.attribute(carried, radio), 0.8 * sigma, p["net_noise_df"], rng)
+    else:
+        booked = ms.count_noise(ms.attribute(carried, radio), p["count_noise"], p["negbin_k"], rng)
+    del carried
+    booked *= np.float32(p[f"scale_{service}"])
+    return booked, cong
+
+
+def simulate_scenario(space: ParamSpace, rows: int, cols: int, days: float = 30, step: int = 3600,
+                      seed: int = 0, index: int = 0, start: str | int = "2013-11-01",
+                      shift: float = 0.0, services: Sequence[str] = SERVICES,
+                      preset: str = "custom") -> TrafficGrid:
+    """Simulate one scenario; returns a TrafficGrid (T, rows, cols, len(services))."""
+    step = parse_step(step)
+    T = _check_shape(rows, cols, days, step, services)
+    t_start = parse_start(start)
+    root = np.random.SeedSequence(int(seed), spawn_key=(int(index),))
+    ss_params, ss_city, ss_radio, ss_demand, ss_noise = root.spawn(5)
+    p = sample_params(space, ss_params, shift=shift)
+
+    city = build_city(rows, cols, p, np.random.default_rng(ss_city))
+    rng_radio = np.random.default_rng(ss_radio)
+    sites = place_sites(city, p, rng_radio)
+    radio = build_radio(city, sites, p, rng_radio)
+
+    timestamps = t_start + step * np.arange(T, dtype=np.int64)
+    cal = dm.local_calendar(timestamps, step, TIMEZONE)
+    # one stream per service, so asking for fewer services does not change the others
+    ev_seq, *demand_seqs = ss_demand.spawn(4)
+    mask_seq, *noise_seqs = ss_noise.spawn(4)
+    demand_streams = dict(zip(dm.SERVICES3, demand_seqs))
+    noise_streams = dict(zip(dm.SERVICES3, noise_seqs))
+    events = dm.draw_events(city, cal, step, p, np.random.default_rng(ev_seq))
+    observed, mask_info = ms.draw_mask(T, rows * cols, radio, step, p, np.random.default_rng(mask_seq))
+
+    values = np.zeros((T, rows * cols, len(services)), dtype=np.float32)
+    derived: dict = dict(radio.info, **mask_info)
+    for ci, service in enumerate(services):
+        booked, cong = _service_channel(service, city, cal, radio, step, p, events,
+                                        demand_streams[service], noise_streams[service])
+        derived.update({f"net_{k}": v for k, v in cong.items()})
+        values[:, :, ci] = np.where(observed, booked, 0.0)
+        del booked
+    values = values.reshape(T, rows, cols, len(services))
+    mask = np.broadcast_to(observed.reshape(T, rows, cols, 1), values.shape).copy()
+    derived.update({"residents": float(city.residents.sum()),
+                    "subscribers": float(city.residents.sum() * p["market_share"]),
+                    "n_events": len(events)})
+    meta = {"source": "simulator", "timezone": TIMEZONE, "preset": preset, "seed": int(seed),
+            "scenario": int(index), "shift": float(shift), "cell_size_m": float(p["cell_size_m"]),
+            "sim_params": p, "sim_derived": derived, "sim_events": events,
+            "license": "generated by simmstnet (MIT); no real data"}
+    return TrafficGrid(values, mask, timestamps, tuple(services), meta)
+
+
+def _run_one(kwargs: dict) -> TrafficGrid:
+    return simulate_scenario(**kwargs)
+
+
+def _run_and_save(args: tuple[dict, str]) -> dict:
+    kwargs, path = args
+    grid = simulate_scenario(**kwargs)
+    grid.save(path)
+    return {"file": Path(path).name, "scenario": kwargs["index"], "shape": list(grid.shape),
+            "sim_params": grid.meta["sim_params"]}
+
+
+def _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services) -> list[dict]:
+    if int(scenarios) != scenarios or scenarios < 1:
+        raise UserError(f"--scenarios must be a positive whole number, got {scenarios}")
+    space = build_space(preset, config)
+    step = parse_step(step)
+    _check_shape(rows, cols, days, step, services)
+    parse_start(start)
+    if shift < 0:
+        raise UserError(f"--shift must be >= 0, got {shift:g}")
+    return [dict(space=space, rows=rows, cols=cols, days=days, step=step, seed=seed, index=i,
+                 start=start, shift=shift, services=tuple(services), preset=preset)
+            for i in range(int(scenarios))]
+
+
+def _map(fn, jobs: list, workers: int, progress: bool) -> Iterator:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="scenarios", unit="city", disable=not progress or len(jobs) < 2,
+               file=sys.stderr)
+    if workers <= 1 or len(jobs) == 1:
+        for j in jobs:
+            yield fn(j)
+            bar.update()
+    else:
+        # forkserver: workers fork from a clean server process, never from a parent that may
+        # hold torch/OpenMP threads (forking those can deadlock)
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["simmstnet.sim.simulator"])  # import once, in the server
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            for out in pool.map(fn, jobs):
+                yield out
+                bar.update()
+    bar.close()
+
+
+def simulate(preset: str = "milano-like", rows: int = 20, cols: int = 20, days: float = 30,
+             step: int | str = 3600, scenarios: int = 1, seed: int = 0,
+             config: str | os.PathLike | dict | None = None, start: str | int = "2013-11-01",
+             workers: int = 1, shift: float = 0.0, services: Sequence[str] = SERVICES,
+             progress: bool = False) -> list[TrafficGrid]:
+    """Simulate ``scenarios`` cities; a list of TrafficGrids (T, rows, cols, C) in memory.
+
+    ``config``: a YAML file or a mapping ``{parameter: value or [low, high]}`` overriding the
+    preset; ``shift > 0`` draws parameters outside the ranges (a target city unlike the sources);
+    ``workers`` processes run scenarios in parallel (results do not depend on it).
+    """
+    jobs = _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services)
+    return list(_map(_run_one, jobs, workers, progress))
+
+
+def simulate_to_path(out: str | os.PathLike, preset: str = "milano-like", rows: int = 20, cols: int = 20,
+                     days: float = 30, step: int | str = 3600, scenarios: int = 1, seed: int = 0,
+                     config=None, start: str | int = "2013-11-01", workers: int = 1, shift: float = 0.0,
+                     services: Sequence[str] = SERVICES, progress: bool = True) -> Path:
+    """Simulate and write: one scenario to ``out`` (.npz), several to folder ``out`` with an index.
+
+    Each scenario is written as soon as it is done (memory stays at one scenario per worker).
+    """
+    out = Path(out)
+    jobs = _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services)
+    if len(jobs) == 1:
+        if out.suffix != ".npz":
+            raise UserError(f"--out {out}: one scenario is written as a .npz file")
+        _run_and_save((jobs[0], str(out)))
+        return out
+    if out.suffix == ".npz":
+        raise UserError(f"--out {out}: several scenarios are written to a folder, not a .npz file")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = list(_map(_run_and_save, [(j, str(out / f"scenario-{j['index']:04d}.npz")) for j in jobs],
+                        workers, progress))
+    index = {"format": "simmstnet-sim-index/1", "preset": preset, "seed": int(seed),
+             "scenarios": len(entries), "step": format_step(parse_step(step)), "rows": rows, "cols": cols,
+             "days": days, "start": str(start), "shift": float(shift), "services": list(services),
+             "space": space_to_yaml(jobs[0]["space"]), "files": entries}
+    with atomic_path(out / INDEX_NAME) as tmp:
+        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+    return out
+
+
+def sim_data_files(path: str | os.PathLike) -> list[Path]:
+    """The .npz files of simulated data at ``path`` (a .npz file or a folder with index.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise UserError(f"{path}: expected a TrafficGrid .npz or a scenario folder with {INDEX_NAME}")
+        return [path]
+    index_path = path / INDEX_NAME
+    if not index_path.exists():
+        raise UserError(f"{path}: folder has no {INDEX_NAME} (not a simulated scenario folder)")
+    try:
+        index = json.loads(index_path.read_text())
+        names = [e["file"] for e in index["files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{index_path}: malformed index ({exc})") from None
+    files = [path / n for n in names]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise UserError(f"{index_path}: lists {missing[0].name}, which is missing")
+    return files
+
+
+def load_sim_data(path: str | os.PathLike) -> list[TrafficGrid]:
+    """Load simulated data: one .npz gives a one-element list, a scenario folder all its grids."""
+    return [TrafficGrid.load(f) for f in sim_data_files(path)]

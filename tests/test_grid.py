@@ -82,3 +82,13 @@ def test_load_errors_name_the_file(tmp_path):
     bad.write_text("hello")
     with pytest.raises(UserError, match="bad.npz"):
         TrafficGrid.load(bad)
+
+
+def test_saved_file_gets_umask_permissions(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        path = make_grid().save(tmp_path / "g.npz")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -1,0 +1,395 @@
+"""Sim2real reweighting: toy problem with a known answer, cutting-plane bookkeeping, phases,
+reproducibility, resume, L2RW and the diagnostics files."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from simmstnet.errors import UserError
+from simmstnet.train.cutting_planes import CuttingPlanes
+from simmstnet.train.sim2real import (BilevelReweighter, Sim2RealConfig, make_reweighter)
+from simmstnet.train.sim2real_report import weights_report, write_diagnostics
+
+
+# -- the toy problem ---------------------------------------------------------------------------
+class Linear(nn.Module):
+    """pred = x . w + b; batch["x"] (B, d) -> (B,)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin = nn.Linear(d, 1)
+
+    def forward(self, batch):
+        return self.lin(batch["x"]).squeeze(-1)
+
+
+class TinyMLP(nn.Module):
+    """A nonlinear model so that h has curvature in theta (finite-difference check)."""
+
+    def __init__(self, d: int, width: int = 6):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, 1))
+
+    def forward(self, batch):
+        return self.net(batch["x"]).squeeze(-1)
+
+
+def sq_loss(pred, batch):
+    return (pred - batch["y"]) ** 2
+
+
+def toy_data(seed=0, d=5, n_sim=400, n_real=20, n_test=500, shift=2.0, noise=0.5,
+             dtype=torch.float32):
+    """Linear regression. Real and the first half of the simulated windows follow y = x.w;
+    the second ("shifted") half follows y = x.w' with ||w' - w|| ~ shift."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=g)
+    w_shift = w + shift * torch.randn(d, generator=g) / math.sqrt(d)
+    xs = torch.randn(n_sim, d, generator=g)
+    shifted = torch.arange(n_sim) >= n_sim // 2
+    ys = torch.where(shifted, xs @ w_shift, xs @ w) + 0.1 * torch.randn(n_sim, generator=g)
+    xr = torch.randn(n_real, d, generator=g)
+    yr = xr @ w + noise * torch.randn(n_real, generator=g)
+    xt = torch.randn(n_test, d, generator=g)
+    yt = xt @ w + noise * torch.randn(n_test, generator=g)
+    sim = {"x": xs.to(dtype), "y": ys.to(dtype), "index": torch.arange(n_sim)}
+    real = {"x": xr.to(dtype), "y": yr.to(dtype), "index": torch.arange(n_real)}
+    test = {"x": xt.to(dtype), "y": yt.to(dtype)}
+    return sim, shifted, real, test
+
+
+def train(mode, seed=0, epochs=60, batch=50, lr=0.05, data=None, steps=None, **cfg_kw):
+    """The training loop a trainer runs: one rw.step per simulated minibatch, the full (small)
+    real set as the real batch. Returns (test loss, reweighter, model, per-step diags)."""
+    sim, shifted, real, test = data if data is not None else toy_data(seed)
+    torch.manual_seed(seed)
+    model = Linear(sim["x"].shape[1])
+    cfg = Sim2RealConfig(mode=mode, **cfg_kw)
+    n = len(shifted)
+    spe = n // batch
+    rw = make_reweighter(cfg, model, n, sq_loss, steps_per_epoch=spe, total_steps=spe * epochs)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed + 1)
+    diags = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(spe):
+            idx = perm[i * batch:(i + 1) * batch]
+            opt.zero_grad(set_to_none=True)
+            diags.append(rw.step({k: v[idx] for k, v in sim.items()}, real))
+            opt.step()
+            if steps is not None and len(diags) >= steps:
+                break
+        rw.end_epoch()
+        if steps is not None and len(diags) >= steps:
+            break
+    with torch.no_grad():
+        test_loss = float(sq_loss(model(test), test).mean())
+    return test_loss, rw, model, diags
+
+
+# -- the known answer ----------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 3])
+def test_bilevel_downweights_shifted_half_and_beats_mix(seed):
+    data = toy_data(seed)
+    shifted = data[1]
+    mix_loss, *_ = train("mix", seed, data=data)
+    bil_loss, rw, _, diags = train("bilevel", seed, data=data, warm_start_epochs=5)
+    w = rw.weights()
+    good, bad = float(w[~shifted].mean()), float(w[shifted].mean())
+    assert bad < good - 0.2, (good, bad)
+    # ranking: most shifted windows sit below the median weight
+    assert float((w[shifted] < w.median()).float().mean()) > 0.65
+    assert bil_loss < 0.7 * mix_loss, (bil_loss, mix_loss)
+    # the constraint is held at the end: h within a few eps on average over the last epoch
+    last = [d["h"] for d in diags[-8:]]
+    assert np.mean(last) < 3 * rw.eps
+
+
+def test_l2rw_downweights_shifted_half_and_beats_mix():
+    data = toy_data(0)
+    shifted = data[1]
+    mix_loss, *_ = train("mix", 0, data=data)
+    l2rw_loss, rw, _, _ = train("l2rw", 0, data=data)
+    w = rw.weights()
+    assert not torch.isnan(w).any()  # every window was seen
+    assert float(w[shifted].mean()) < float(w[~shifted].mean()) - 0.3
+    assert l2rw_loss < 0.7 * mix_loss
+
+
+def test_mix_and_off_gradients_are_plain_means():
+    sim, _, real, _ = toy_data(0, n_sim=20, n_real=6)
+    for mode in ("mix", "off"):
+        torch.manual_seed(0)
+        model = Linear(5)
+        rw = make_reweighter(Sim2RealConfig(mode=mode), model, 20, sq_loss)
+        rw.step(sim, real)
+        got = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        if mode == "mix":
+            both = {k: torch.cat([sim[k], real[k]]) for k in ("x", "y")}
+            sq_loss(model(both), both).mean().backward()
+        else:
+            sq_loss(model(real), real).mean().backward()
+        for a, b in zip(got, model.parameters()):
+            torch.testing.assert_close(a, b.grad)
+        assert float(rw.weights()[0]) == (1.0 if mode == "mix" else 0.0)
+
+
+# -- the plane is the linearization of h ---------------------------------------------------------
+def _reference_h(model, lam, batch, K, eta):
+    """h = ||theta - phi_K||^2 by a plain loop on a copy of the model (independent of unroll)."""
+    m = copy.deepcopy(model)
+    theta0 = [p.detach().clone() for p in m.parameters()]
+    w = torch.sigmoid(lam[batch["index"]])
+    for _ in range(K):
+        m.zero_grad()
+        ls = sq_loss(m(batch), batch)
+        ((w * ls).sum() / w.sum()).backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p -= eta * p.grad
+    return float(sum(((p.detach() - t0) ** 2).sum() for p, t0 in zip(m.parameters(), theta0)))
+
+
+def test_plane_equals_linearization_of_h_by_finite_differences():
+    torch.manual_seed(0)
+    sim, _, real, _ = toy_data(1, d=3, n_sim=30, dtype=torch.float64)
+    model = TinyMLP(3).double()
+    cfg = Sim2RealConfig(mode="bilevel", k_steps=2, inner_lr=0.3, warm_start_epochs=0,
+                         t1=100, eps=1e-6, k_pre=1)
+    rw = BilevelReweighter(model, 30, cfg, sq_loss)
+    with torch.no_grad():
+        rw.lam.copy_(torch.linspace(-1.5, 1.5, 30, dtype=torch.float64))
+    batch = {k: v[5:17] for k, v in sim.items()}
+    eps = 1e-6
+    a, b, c, h = rw.linearize(batch, eps=eps)
+    lam0, theta0 = rw.lam.detach().clone(), rw.theta_flat()
+    assert h == pytest.approx(_reference_h(model, lam0, batch, 2, 0.3), rel=1e-10)
+    # the plane passes through (lambda_t, theta_t) at height h - eps
+    assert float(a @ lam0 + b @ theta0) + c == pytest.approx(h - eps, rel=1e-10)
+    # a is zero off the minibatch
+    off = torch.ones(30, dtype=torch.bool)
+    off[5:17] = False
+    assert torch.all(a[off] == 0) and torch.any(a[~off] != 0)
+    # central differences on lambda entries and on every parameter coordinate
+    step = 1e-6
+    for j in (5, 9, 16):
+        lp, lm = lam0.clone(), lam0.clone()
+        lp[j] += step
+        lm[j] -= step
+        fd = (_reference_h(model, lp, batch, 2, 0.3) - _reference_h(model, lm, batch, 2, 0.3)) / (2 * step)
+        assert float(a[j]) == pytest.approx(fd, rel=1e-5, abs=1e-12)
+    params = list(model.parameters())
+    k = 0
+    for p in params:
+        for i in range(p.numel()):
+            orig = float(p.detach().view(-1)[i])
+            with torch.no_grad():
+                p.view(-1)[i] = orig + step
+            hp = _reference_h(model, lam0, batch, 2, 0.3)
+            with torch.no_grad():
+                p.view(-1)[i] = orig - step
+            hm = _reference_h(model, lam0, batch, 2, 0.3)
+            with torch.no_grad():
+                p.view(-1)[i] = orig
+            assert float(b[k]) == pytest.approx((hp - hm) / (2 * step), rel=1e-5, abs=1e-11)
+            k += 1
+    assert k == b.numel()
+    # step() stores the same plane, divided by ||(a, b)|| (same half-space, unit normal)
+    rw.step(batch, real)
+    slot = int(rw.planes.active.nonzero()[0])
+    scale = float(torch.sqrt(a @ a + b @ b))
+    torch.testing.assert_close(rw.planes.a[slot], a / scale)
+    torch.testing.assert_close(rw.planes.b[slot], b / scale)
+    assert float(rw.planes.c[slot]) == pytest.approx(c / scale, rel=1e-9)
+
+
+# -- cutting-plane bookkeeping ---------------------------------------------------------------------
+def test_cutting_planes_pool_unit():
+    pool = CuttingPlanes(n_sim=4, n_params=2, p_max=3)
+    for t in range(3):
+        pool.add(torch.full((4,), float(t)), torch.ones(2), -1.0, step=t)
+    assert len(pool) == 3
+    pool.gamma = torch.tensor([0.5, 0.2, 0.9])
+    slot = pool.add(torch.zeros(4), torch.zeros(2), 0.0, step=3)  # evicts the smallest dual
+    assert slot == 1 and len(pool) == 3 and pool.n_evicted == 1
+    # values a.lam + b.theta + c
+    v = pool.values(torch.ones(4), torch.ones(2))
+    torch.testing.assert_close(v, torch.tensor([1.0, 0.0, 9.0]))
+    # projected dual ascent, then the zero-dual plane goes
+    pool.gamma = torch.tensor([0.5, 0.0, 0.1])
+    pool.dual_ascent(torch.tensor([-1.0, 2.0, -0.05]), lr_gamma=1.0)
+    torch.testing.assert_close(pool.gamma, torch.tensor([0.0, 2.0, 0.05]))
+    assert pool.drop_inactive() == 1 and len(pool) == 2 and not bool(pool.active[0])
+    assert torch.all(pool.a[0] == 0)
+
+
+def test_plane_count_capped_and_inactive_planes_dropped():
+    cfg_kw = dict(warm_start_epochs=1, eps=0.0, k_pre=2, p_max=3, t1=0.9, lr_gamma=0.05)
+    data = toy_data(0, n_sim=200)
+    sim, _, real, _ = data
+    torch.manual_seed(0)
+    model = Linear(5)
+    cfg = Sim2RealConfig(mode="bilevel", **cfg_kw)
+    rw = BilevelReweighter(model, 200, cfg, sq_loss, steps_per_epoch=4, total_steps=60)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    dropped_total = 0
+    for t in range(60):
+        idx = torch.randperm(200, generator=g)[:50]
+        phase, check = rw.phase(), rw.phase() == "phase1" and (t - rw.T0) % 2 == 0
+        dead = (rw.planes.active & (rw.planes.gamma == 0)).nonzero().flatten().tolist()
+        opt.zero_grad()
+        diag = rw.step({k: v[idx] for k, v in sim.items()}, real)
+        opt.step()
+        assert diag["planes"] <= 3 and len(rw.planes) <= 3
+        if check:
+            dropped_total += diag["dropped"]
+            assert diag["dropped"] == len(dead)
+            for s in dead:  # gone, or reused by the plane just cut
+                assert not bool(rw.planes.active[s]) or int(rw.planes.born[s]) == t
+            assert diag["added"] == 1  # eps = 0: every check adds a plane
+        elif phase == "phase1":
+            assert diag["added"] == 0 and diag["dropped"] == 0
+    assert rw.planes.n_added > 3  # the cap was reached and planes were evicted or dropped
+    assert rw.planes.n_evicted + rw.planes.n_dropped >= rw.planes.n_added - 3
+
+
+def test_phase_switch_at_t1_and_frozen_polyhedron():
+    sim, _, real, _ = toy_data(0, n_sim=200)
+    for t1, expect_T1 in ((0.5, 20), (13, 13)):
+        torch.manual_seed(0)
+        model = Linear(5)
+        cfg = Sim2RealConfig(mode="bilevel", warm_start_epochs=1, eps=0.0, k_pre=1, t1=t1)
+        rw = BilevelReweighter(model, 200, cfg, sq_loss, steps_per_epoch=4, total_steps=40)
+        assert (rw.T0, rw.T1) == (4, expect_T1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        frozen = None
+        for t in range(40):
+            opt.zero_grad()
+            diag = rw.step({k: v[(t * 50) % 200:(t * 50) % 200 + 50] for k, v in sim.items()}, real)
+            opt.step()
+            want = "warm" if t < 4 else ("phase1" if t < expect_T1 else "phase2")
+            assert diag["phase"] == want, (t, diag["phase"])
+            if want == "phase1":
+                assert diag["added"] == 1  # eps = 0 and k_pre = 1: a plane every iteration
+            if want == "phase2":
+                state = rw.planes.state_dict()
+                if frozen is None:
+                    frozen = state
+                for key in ("a", "b", "c", "gamma", "active"):
+                    assert torch.equal(state[key], frozen[key])
+                assert state["n_added"] == frozen["n_added"]
+        assert frozen is not None and len(rw.planes) > 0
+
+
+def test_t1_inside_warm_start_is_a_user_error():
+    model = Linear(5)
+    cfg = Sim2RealConfig(mode="bilevel", warm_start_epochs=5, t1=0.1)
+    with pytest.raises(UserError, match="sim2real.t1"):
+        BilevelReweighter(model, 10, cfg, sq_loss, steps_per_epoch=10, total_steps=100)
+
+
+# -- reproducibility and resume --------------------------------------------------------------------
+def test_reproducible_under_seed():
+    data = toy_data(2, n_sim=200)
+    kw = dict(epochs=12, warm_start_epochs=2)
+    l1, rw1, m1, _ = train("bilevel", 5, data=data, **kw)
+    l2, rw2, m2, _ = train("bilevel", 5, data=data, **kw)
+    assert l1 == l2
+    assert torch.equal(rw1.weights(), rw2.weights())
+    assert torch.equal(rw1.planes.gamma, rw2.planes.gamma)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    l3, rw3, _, _ = train("bilevel", 6, data=data, **kw)
+    assert not torch.equal(rw1.weights(), rw3.weights())
+
+
+def test_state_dict_resume_continues_identically():
+    sim, _, real, _ = toy_data(0, n_sim=200)
+    # a tight eps so that the duals and planes are all in play at the save point
+    cfg = Sim2RealConfig(mode="bilevel", warm_start_epochs=1, k_pre=2, t1=0.6, eps_factor=0.1)
+
+    def batches(t):
+        return {k: v[(t * 50) % 200:(t * 50) % 200 + 50] for k, v in sim.items()}
+
+    def fresh():
+        torch.manual_seed(0)
+        model = Linear(5)
+        rw = BilevelReweighter(model, 200, cfg, sq_loss, steps_per_epoch=4, total_steps=30)
+        return model, rw, torch.optim.Adam(model.parameters(), lr=0.05)
+
+    def run(model, rw, opt, ts):
+        for t in ts:
+            opt.zero_grad()
+            rw.step(batches(t), real)
+            opt.step()
+
+    model, rw, opt = fresh()
+    run(model, rw, opt, range(12))
+    # deep copies: optimizer states hold the live tensors that later steps update in place
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), rw.state_dict()))
+    assert rw.gamma0 > 0 and len(rw.planes) > 1 and float(rw.planes.gamma.max()) > 0
+    run(model, rw, opt, range(12, 30))
+    model2, rw2, opt2 = fresh()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    rw2.load_state_dict(saved[2])
+    run(model2, rw2, opt2, range(12, 30))
+    assert torch.equal(rw.weights(), rw2.weights())
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(UserError, match="simulated windows"):
+        BilevelReweighter(Linear(5), 199, cfg, sq_loss, steps_per_epoch=4,
+                          total_steps=30).load_state_dict(saved[2])
+
+
+# -- config --------------------------------------------------------------------------------------
+def test_config_validation_names_the_key():
+    with pytest.raises(UserError, match="sim2real.mode"):
+        Sim2RealConfig(mode="bogus").validate()
+    with pytest.raises(UserError, match="sim2real.k_steps"):
+        Sim2RealConfig(k_steps=0).validate()
+    with pytest.raises(UserError, match="sim2real.t1"):
+        Sim2RealConfig(t1=2.5).validate()
+    with pytest.raises(UserError, match="sim2real.nope"):
+        Sim2RealConfig.from_dict({"mode": "mix", "nope": 1})
+    with pytest.raises(UserError, match="sim2real.p_max"):
+        Sim2RealConfig.from_dict({"p_max": "ten"})
+    with pytest.raises(UserError, match="sim2real.live_constraint"):
+        Sim2RealConfig.from_dict({"live_constraint": "yes"})
+    assert Sim2RealConfig.from_dict({"eps": 1, "t1": 500}).eps == 1.0
+    cfg = Sim2RealConfig.from_dict({"mode": "bilevel", "p_max": 4})
+    assert cfg.p_max == 4 and Sim2RealConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# -- diagnostics --------------------------------------------------------------------------------
+def test_weights_report_per_scenario_and_files(tmp_path):
+    w = np.array([0.1, 0.3, 0.8, 1.0, np.nan, 0.5])
+    sid = np.array([0, 0, 1, 1, 1, 2])
+    params = {"noise": [0.0, 0.5, 1.0], "users": [10, 20, 30]}
+    rep = weights_report(w, sid, params)
+    assert rep["n"] == 6 and rep["n_weighted"] == 5
+    assert rep["mean"] == pytest.approx(np.nanmean(w))
+    rows = {r["id"]: r for r in rep["scenarios"]}
+    assert rows[0]["mean_weight"] == pytest.approx(0.2)
+    assert rows[1]["mean_weight"] == pytest.approx(0.9) and rows[1]["n"] == 2
+    assert rows[2]["noise"] == 1.0 and rows[2]["users"] == 30
+    with pytest.raises(UserError, match="scenario ids"):
+        weights_report(w, sid[:3])
+    history = [{"G": 1.0, "h": 0.1, "planes": 2, "duals": [0.5, 0.25]}, {"G": 0.5, "planes": 1}]
+    paths = write_diagnostics(tmp_path, history, w, sid, params, param="noise")
+    assert paths["plot"].stat().st_size > 1000
+    assert json.loads(paths["report"].read_text())["scenarios"][0]["mean_weight"] == pytest.approx(0.2)
+    csv_text = paths["history"].read_text().splitlines()
+    assert csv_text[0] == "epoch,G,h,planes,duals" and csv_text[1] == "0,1.0,0.1,2,0.5 0.25"
+    with np.load(paths["weights"]) as z:
+        assert z["weights"].shape == (6,) and z["scenario_ids"].tolist() == sid.tolist()
+    assert not list(tmp_path.glob(".*.tmp*"))  # atomic writes left nothing behind

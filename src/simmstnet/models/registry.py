@@ -1,0 +1,184 @@
+"""Model registry: one name per forecasting network, built from data sizes plus config overrides.
+
+A model file declares a config dataclass (defaults, one-line help per field in
+``field(metadata={"help": ...})``) and registers its class::
+
+    @register_model("sim-mstnet", multitask=True, description="...", config=SimMSTNetConfig)
+    class SimMSTNet(nn.Module):
+        def __init__(self, dims: DataDims, config: SimMSTNetConfig): ...
+
+``build_model(name, dims, **overrides)`` fills the config from ``overrides`` (unknown keys and
+wrongly typed values raise :class:`~simmstnet.errors.UserError`) and returns the instance.
+
+The built-in models (``simmstnet.models.sim_mstnet`` and every module of the
+``simmstnet.models.baselines`` package) are imported on the first lookup, so importing this
+module stays cheap and a new baseline file registers itself just by existing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from simmstnet.errors import UserError
+
+
+@dataclass(frozen=True)
+class DataDims:
+    """Sizes of the data a model is built for (they come from the window dataset, not the user)."""
+
+    n_services: int  # C: services (tasks) per batch, the last axis of x / y
+    input_len: int  # L: encoder input steps
+    label_len: int  # known steps at the head of the decoder input
+    horizon: int  # H: forecast steps
+    patch: int  # k: side of the square neighbourhood patch (odd)
+    n_marks: int = 5  # F: calendar features per step
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> "DataDims":
+        """Read the sizes off a ``WindowDataset`` (attributes per docs/contracts.md)."""
+        return cls(n_services=int(ds.n_services), input_len=int(ds.input_len),
+                   label_len=int(ds.label_len), horizon=int(ds.horizon), patch=int(ds.patch),
+                   n_marks=int(ds.n_marks))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the registry knows about one model name."""
+
+    name: str
+    cls: type
+    config: type | None  # config dataclass, None for models without options
+    multitask: bool
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+_LOADED = False
+
+
+def register_model(name: str, multitask: bool, description: str,
+                   config: type | None = None) -> Callable[[type], type]:
+    """Class decorator: register ``cls`` under ``name``.
+
+    ``config`` is the model's config dataclass; when omitted, the class attribute
+    ``config_class`` is used if present. The class is constructed as ``cls(dims, config)``
+    (or ``cls(dims)`` when it has no config).
+    """
+
+    def decorate(cls: type) -> type:
+        cfg = config if config is not None else getattr(cls, "config_class", None)
+        if cfg is not None and not dataclasses.is_dataclass(cfg):
+            raise TypeError(f"model {name!r}: config must be a dataclass, got {cfg!r}")
+        old = _REGISTRY.get(name)
+        # Re-registering the same class (module reloaded) is harmless; two classes is a bug.
+        if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"model name {name!r} registered twice ({old.cls.__qualname__}, {cls.__qualname__})")
+        _REGISTRY[name] = ModelEntry(name, cls, cfg, bool(multitask), description)
+        return cls
+
+    return decorate
+
+
+def _load_builtin_models() -> None:
+    """Import the modules that register models (once). Import errors propagate: a broken model
+    file should fail loudly, not vanish from the list."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True  # set first: a model module that looks up the registry must not recurse
+    importlib.import_module("simmstnet.models.sim_mstnet")
+    try:
+        baselines = importlib.import_module("simmstnet.models.baselines")
+    except ModuleNotFoundError as exc:
+        if exc.name != "simmstnet.models.baselines":
+            raise
+        return
+    # Works for a regular package and for a folder without __init__.py alike.
+    for info in pkgutil.iter_modules(baselines.__path__, prefix="simmstnet.models.baselines."):
+        if not info.name.rsplit(".", 1)[-1].startswith("_"):
+            importlib.import_module(info.name)
+
+
+def _entry(name: str) -> ModelEntry:
+    _load_builtin_models()
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UserError(f"unknown model {name!r}; known models: {known}")
+    return _REGISTRY[name]
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name`` (UserError listing the known names if absent)."""
+    return _entry(name)
+
+
+def list_models() -> list[tuple[str, bool, str]]:
+    """Every registered model as ``(name, multitask, description)``, sorted by name."""
+    _load_builtin_models()
+    return [(e.name, e.multitask, e.description) for e in sorted(_REGISTRY.values(), key=lambda e: e.name)]
+
+
+def config_help(name: str) -> list[tuple[str, Any, str]]:
+    """``(field, default, help)`` for each option of model ``name`` (for `--help`-style listings)."""
+    entry = _entry(name)
+    if entry.config is None:
+        return []
+    rows = []
+    for f in dataclasses.fields(entry.config):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        rows.append((f.name, default, f.metadata.get("help", "")))
+    return rows
+
+
+def _coerce(model: str, key: str, value: Any, default: Any) -> Any:
+    """Check an override against the type of its default; accept ints where floats are expected."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise UserError(f"model {model!r} option {key!r} must be {type(default).__name__}, "
+                    f"got {type(value).__name__} {value!r}")
+
+
+def build_config(name: str, **overrides: Any) -> Any:
+    """The config dataclass of ``name`` with defaults replaced by ``overrides``."""
+    entry = _entry(name)
+    if entry.config is None:
+        if overrides:
+            raise UserError(f"model {name!r} takes no options, got {', '.join(sorted(overrides))}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(entry.config)}
+    for key in overrides:
+        if key not in fields:
+            raise UserError(f"unknown option {key!r} for model {name!r}; known options: "
+                            f"{', '.join(fields)}")
+    defaults = entry.config()
+    values = {k: _coerce(name, k, v, getattr(defaults, k)) for k, v in overrides.items()}
+    return dataclasses.replace(defaults, **values)
+
+
+def build_model(name: str, dims: DataDims, **overrides: Any):
+    """Instantiate model ``name`` for data of size ``dims``; ``overrides`` set config fields.
+
+    Raises UserError for an unknown name (listing the known ones), an unknown option (naming
+    it and listing the known ones) or a wrongly typed value.
+    """
+    entry = _entry(name)
+    cfg = build_config(name, **overrides)
+    return entry.cls(dims) if entry.config is None else entry.cls(dims, cfg)

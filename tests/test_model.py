@@ -1,0 +1,159 @@
+"""Sim-MSTNet / STNet: shapes with every ablation, gradients, learning, registry behaviour."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from simmstnet.errors import UserError
+from simmstnet.models import DataDims, build_model, list_models
+from simmstnet.models.fake_batch import fake_batch
+from simmstnet.models.registry import build_config, config_help, register_model
+from simmstnet.models.sim_mstnet import SimMSTNet, SimMSTNetConfig
+from simmstnet.train.loss_weighting import DynamicLossWeighting
+from simmstnet.train.losses import masked_task_losses
+
+SMALL = dict(d_model=16, n_heads=2, d_ff=32, enc_layers=2, dec_layers=1)
+
+
+def _dims(c=3, patch=5):
+    return DataDims(n_services=c, input_len=24, label_len=12, horizon=6, patch=patch, n_marks=5)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("switches", [{}, {"interaction": False}, {"spatial": False},
+                                      {"interaction": False, "spatial": False},
+                                      {"attn": "full"}, {"distil": True}])
+def test_output_shape(c, switches):
+    dims = _dims(c)
+    model = build_model("sim-mstnet", dims, **SMALL, **switches)
+    out = model(fake_batch(dims, 4, missing=0.1))
+    assert out.shape == (4, 6, c) and torch.isfinite(out).all()
+
+
+def test_ablation_switches_remove_modules():
+    dims = _dims(3)
+    full = build_model("sim-mstnet", dims, **SMALL)
+    no_inter = build_model("sim-mstnet", dims, **SMALL, interaction=False)
+    no_spatial = build_model("sim-mstnet", dims, **SMALL, spatial=False)
+    single = build_model("stnet", _dims(1), **SMALL)
+    assert full.temporal_interaction is not None and full.spatial_interaction is not None
+    assert no_inter.temporal_interaction is None and no_inter.spatial_interaction is None
+    assert all(t.spatial is None for t in no_spatial.tasks) and no_spatial.spatial_interaction is None
+    assert single.temporal_interaction is None and len(single.tasks) == 1
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(full) > count(no_inter) and count(full) > count(no_spatial)
+
+
+def test_gradient_reaches_every_parameter():
+    dims = _dims(3)
+    torch.manual_seed(0)
+    model = build_model("sim-mstnet", dims, **SMALL, distil=True)
+    batch = fake_batch(dims, 8, missing=0.1)
+    losses = masked_task_losses(model(batch), batch["y"], batch["y_mask"])
+    losses.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_inputs_matter():
+    """Each input the model is meant to read changes the forecast (no silently ignored key)."""
+    dims = _dims(3)
+    torch.manual_seed(0)
+    model = build_model("sim-mstnet", dims, **SMALL).eval()
+    batch = fake_batch(dims, 4)
+    base = model(batch)
+    for key in ("x", "x_patch", "x_mark", "dec_in", "y_mark"):
+        changed = dict(batch, **{key: batch[key] + 0.5})
+        assert not torch.allclose(model(changed), base), key
+    # another service's input changes this service's forecast only through interaction
+    changed = dict(batch, x=batch["x"].clone())
+    changed["x"][..., 2] += 1.0
+    assert not torch.allclose(model(changed)[..., 0], base[..., 0])
+    isolated = build_model("sim-mstnet", dims, **SMALL, interaction=False).eval()
+    assert torch.allclose(isolated(changed)[..., 0], isolated(batch)[..., 0])
+
+
+def test_eval_forward_is_deterministic():
+    dims = _dims(3)
+    model = build_model("sim-mstnet", dims, **SMALL).eval()
+    batch = fake_batch(dims, 4)
+    assert torch.equal(model(batch), model(batch))
+
+
+@pytest.mark.parametrize("name,c", [("sim-mstnet", 3), ("stnet", 1)])
+def test_loss_falls_on_a_fixed_batch(name, c):
+    dims = _dims(c)
+    torch.manual_seed(0)
+    model = build_model(name, dims, **SMALL, dropout=0.0)
+    batch = fake_batch(dims, 32, seed=1)
+    weighting = DynamicLossWeighting(c)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(40):
+        losses = masked_task_losses(model(batch), batch["y"], batch["y_mask"])
+        total = weighting.combine(losses)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append(float(losses.detach().mean()))
+    assert history[-1] < 0.25 * history[0]
+
+
+def test_registry_names_and_errors():
+    names = {name: multitask for name, multitask, _ in list_models()}
+    assert names["sim-mstnet"] is True and names["stnet"] is False
+    with pytest.raises(UserError, match="unknown model 'nope'.*sim-mstnet.*stnet"):
+        build_model("nope", _dims())
+    with pytest.raises(UserError, match="'d_modle'.*known options: d_model"):
+        build_model("sim-mstnet", _dims(), d_modle=8)
+    with pytest.raises(UserError, match="'n_heads' must be int"):
+        build_model("sim-mstnet", _dims(), n_heads="2")
+    with pytest.raises(UserError, match="divisible"):
+        build_model("sim-mstnet", _dims(), d_model=10, n_heads=4)
+    with pytest.raises(UserError, match="one service"):
+        build_model("stnet", _dims(3))
+    with pytest.raises(UserError, match="odd patch"):
+        build_model("sim-mstnet", _dims(patch=4))
+
+
+def test_config_overrides_and_help():
+    cfg = build_config("sim-mstnet", d_model=48, dropout=0)  # an int is accepted for a float
+    assert cfg.d_model == 48 and isinstance(cfg.dropout, float)
+    model = build_model("sim-mstnet", _dims(), d_model=48, n_heads=4)
+    assert isinstance(model, SimMSTNet) and model.config.d_model == 48
+    helps = config_help("sim-mstnet")
+    assert [row[0] for row in helps] == [f.name for f in dataclasses.fields(SimMSTNetConfig)]
+    assert all(text for _, _, text in helps)
+
+
+def test_batch_that_does_not_fit_is_user_error():
+    model = build_model("sim-mstnet", _dims(3), **SMALL)
+    with pytest.raises(UserError, match="services"):
+        model(fake_batch(_dims(1), 2))
+    with pytest.raises(UserError, match="patch=5"):
+        model(fake_batch(_dims(3, patch=3), 2))
+
+
+def test_registering_a_second_class_under_a_taken_name_fails():
+    with pytest.raises(ValueError, match="registered twice"):
+        @register_model("sim-mstnet", multitask=True, description="dup", config=SimMSTNetConfig)
+        class Other(SimMSTNet):
+            pass
+
+
+def test_every_baseline_module_is_registered_lazily():
+    """The registry imports each module of models/baselines on first lookup (no manual list)."""
+    import pkgutil
+
+    import simmstnet.models.baselines as baselines
+    from simmstnet.models.registry import get_model_entry
+
+    modules = {m.name for m in pkgutil.iter_modules(baselines.__path__) if not m.name.startswith("_")}
+    registered = {get_model_entry(name).cls.__module__.rsplit(".", 1)[-1] for name, _, _ in list_models()}
+    assert modules <= registered

@@ -1,0 +1,435 @@
+"""Experiment configuration: typed sections, YAML files and dotted command-line overrides.
+
+An experiment is one :class:`ExperimentConfig` with the sections ``data``, ``model``,
+``train`` and ``sim2real`` plus the run folder ``out``. YAML files only pick values::
+
+    data: {path: grid.npz, services: [net], split: [0.7, 0.1, 0.2]}
+    model: {name: sim-mstnet, d_model: 32}      # every key but ``name`` goes to the model
+    train: {epochs: 5}
+
+and the command line overrides dotted keys, each value read as YAML
+(``data.split=[0.8,0.1,0.1]``, ``train.lr=3e-4``, ``data.services=[net]``). Keys in a file are
+checked exactly like overrides: an unknown key raises :class:`UserError` naming it and listing
+the known keys at that level; a wrongly typed value names the key, the expected type and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from simmstnet.errors import UserError
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with a default, a one-line help and optionally the allowed values."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = _opt(None, "TrafficGrid .npz file to train and evaluate on")
+    services: Optional[list[str]] = _opt(None, "services to forecast, e.g. [net] (null = every service in the file)")
+    step: Optional[str] = _opt(None, "resample to this step before windowing, e.g. 1h (null = the file's step)")
+    input_len: int = _opt(24, "L: input steps per window")
+    label_len: int = _opt(12, "known steps at the head of the decoder input (<= input_len)")
+    horizon: int = _opt(6, "H: forecast steps")
+    patch: int = _opt(5, "k: side of the square neighbourhood patch around each cell (odd)")
+    stride: int = _opt(1, "step between training window starts (validation and test always use 1)")
+    split: list = _opt([0.7, 0.1, 0.2], "chronological split: three ratios summing to 1, or ISO dates "
+                       "[val_start, test_start(, test_end)]")
+    train_days: Optional[int] = _opt(None, "scarce-data protocol: keep only the last D days of the training span (null = all)")
+    scaler: str = _opt("standard", "per-service scaling fitted on observed training values",
+                       choices=("standard", "log-standard"))
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("sim-mstnet", "registered model name (see `simmstnet models`)")
+    options: dict = _opt({}, "model options, given as model.<option>=VALUE (see the model's config)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(20, "maximum number of training epochs")
+    batch_size: int = _opt(32, "windows per training step and process (global batch = batch_size x processes)")
+    eval_batch_size: Optional[int] = _opt(None, "windows per evaluation batch (null = 4 x batch_size)")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (AdamW) or L2 penalty (Adam)")
+    optimizer: str = _opt("adamw", "optimizer", choices=("adam", "adamw"))
+    lr_schedule: str = _opt("cosine", "learning-rate schedule over the run (cosine: per step to 0.01 x lr; "
+                            "step: x lr_gamma every lr_step_epochs)", choices=("cosine", "step", "constant"))
+    lr_step_epochs: int = _opt(10, "epochs between decays of the step schedule")
+    lr_gamma: float = _opt(0.5, "decay factor of the step schedule")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this value (0 = off)")
+    patience: int = _opt(5, "stop after this many epochs without a better validation MAE (0 = never)")
+    loss: str = _opt("mse", "per-task training loss on scaled values", choices=("mse", "mae", "huber"))
+    loss_weighting: str = _opt("dynamic", "task loss weighting: dynamic (EMA-smoothed, paper eq. 13-14) or "
+                               "average (equal weights)", choices=("dynamic", "average"))
+    weighting_beta: float = _opt(0.9, "smoothing factor of the dynamic loss weighting")
+    weighting_tau: float = _opt(1.0, "temperature of the dynamic loss weighting (larger = more even weights)")
+    max_windows_per_epoch: Optional[int] = _opt(None, "train on a random subset of this many windows per epoch "
+                                                "(null = all; for large grids)")
+    max_val_windows: Optional[int] = _opt(None, "per-epoch validation on this many evenly spaced windows "
+                                          "(null = all; final metrics always use every window)")
+    seed: int = _opt(0, "seed for Python, NumPy and torch (model init, shuffling, dropout)")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    amp: bool = _opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    log_every: int = _opt(10, "update the progress-bar losses every N steps")
+    resume: bool = _opt(False, "continue the run in `out` from its last checkpoint (same as --resume)")
+
+
+@dataclass
+class Sim2RealConfig:
+    mode: str = _opt("off", "use simulated data: off, mix (uniform sim+real), l2rw (learning to reweight), "
+                     "bilevel (cutting-plane sample weights)", choices=("off", "mix", "l2rw", "bilevel"))
+    sim_data: Optional[str] = _opt(None, "simulated TrafficGrid .npz file (for every mode but off)")
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the data and its windows"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the forecasting model"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimization"})
+    sim2real: Sim2RealConfig = field(default_factory=Sim2RealConfig, metadata={"help": "simulated data"})
+    out: Optional[str] = _opt(None, "run folder (null = runs/<model>-<date>-<time>)")
+
+
+SECTIONS = ("data", "model", "train", "sim2real")
+
+# --------------------------------------------------------------------------- value checking
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        args = typing.get_args(hint)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _plain(value: Any) -> Any:
+    """YAML reads 2013-11-20 as a date: keep dates as ISO text (the split accepts ISO dates)."""
+    if isinstance(value, (_dt.date, _dt.datetime)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` checked against ``hint`` (ints accepted for floats), else raise UserError."""
+    bad = UserError(f"config key {key!r} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        for a in inner:
+            try:
+                return _coerce(key, value, a)
+            except UserError:
+                pass
+        raise bad
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads 3e-4 (no dot) as text; take it as the number it clearly is.
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)
+        raise bad
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise bad
+        args = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
+    if hint is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+def _check_split(value: Any) -> list:
+    key = "data.split"
+    if not isinstance(value, list) or len(value) not in (2, 3):
+        raise UserError(f"config key {key!r} must be three ratios [train, val, test] or ISO dates "
+                        f"[val_start, test_start(, test_end)], got {value!r}")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if len(value) != 3:
+            raise UserError(f"config key {key!r}: ratios must be three numbers [train, val, test], got {value!r}")
+        ratios = [float(v) for v in value]
+        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+            raise UserError(f"config key {key!r}: ratios must be non-negative and sum to 1, got {value!r}")
+        return ratios
+    if all(isinstance(v, str) for v in value):
+        for v in value:
+            try:
+                _dt.datetime.fromisoformat(v)
+            except ValueError:
+                raise UserError(f"config key {key!r}: {v!r} is not an ISO date (e.g. 2013-12-20)") from None
+        return list(value)
+    raise UserError(f"config key {key!r} mixes ratios and dates: {value!r}")
+
+
+def _validate(cfg: "ExperimentConfig") -> None:
+    """Cross-field checks that single values cannot express."""
+    d, t = cfg.data, cfg.train
+    for key, v in (("data.input_len", d.input_len), ("data.horizon", d.horizon), ("data.patch", d.patch),
+                   ("data.stride", d.stride), ("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
+                   ("train.log_every", t.log_every)):
+        if v < 1:
+            raise UserError(f"config key {key!r} must be at least 1, got {v}")
+    if not 0 <= d.label_len <= d.input_len:
+        raise UserError(f"config key 'data.label_len' must be in [0, data.input_len={d.input_len}], got {d.label_len}")
+    if d.patch % 2 == 0:
+        raise UserError(f"config key 'data.patch' must be odd (the cell sits at the centre), got {d.patch}")
+    if d.train_days is not None and d.train_days < 1:
+        raise UserError(f"config key 'data.train_days' must be a positive number of days or null, got {d.train_days}")
+    for key, v in (("train.eval_batch_size", t.eval_batch_size), ("train.max_windows_per_epoch", t.max_windows_per_epoch),
+                   ("train.max_val_windows", t.max_val_windows)):
+        if v is not None and v < 1:
+            raise UserError(f"config key {key!r} must be at least 1 or null, got {v}")
+    for key, v in (("train.lr", t.lr), ("train.lr_gamma", t.lr_gamma)):
+        if not v > 0:
+            raise UserError(f"config key {key!r} must be positive, got {v}")
+    for key, v in (("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
+                   ("train.patience", t.patience)):
+        if v < 0:
+            raise UserError(f"config key {key!r} must be non-negative, got {v}")
+    if not 0 <= t.weighting_beta < 1:
+        raise UserError(f"config key 'train.weighting_beta' must be in [0, 1), got {t.weighting_beta}")
+    if not t.weighting_tau > 0:
+        raise UserError(f"config key 'train.weighting_tau' must be positive, got {t.weighting_tau}")
+    dev = t.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UserError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
+
+
+# --------------------------------------------------------------------------- setting keys
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _set(cfg: ExperimentConfig, key: str, value: Any, source: str) -> None:
+    """Set dotted ``key`` (``train.lr``, ``out``, ``model.d_model``) on ``cfg`` after checking it."""
+    where = f"{source}: " if source else ""
+    parts = key.split(".")
+    value = _plain(value)
+    top = _fields(ExperimentConfig)
+    if parts[0] not in top:
+        raise UserError(f"{where}unknown config key {parts[0]!r}; known keys: {', '.join(top)}")
+    if parts[0] == "out":
+        if len(parts) != 1:
+            raise UserError(f"{where}config key 'out' has no sub-keys (got {key!r})")
+        cfg.out = None if value is None else str(_coerce("out", value, Optional[str]))
+        return
+    section = getattr(cfg, parts[0])
+    if len(parts) == 1:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}config key {key!r} is a section: give a mapping or set {key}.<key>, "
+                            f"got {value!r}")
+        for sub, v in value.items():
+            _set(cfg, f"{key}.{sub}", v, source)
+        return
+    if len(parts) > 2:
+        raise UserError(f"{where}config key {key!r} is too deep; keys are section.key")
+    name = parts[1]
+    if parts[0] == "model" and name not in ("name", "options"):
+        # Free model options; the model's own config checks them (see _check_model_options).
+        section.options[name] = value
+        return
+    known = _fields(type(section))
+    if name not in known:
+        raise UserError(f"{where}unknown config key {key!r}; known keys in {parts[0]}: {', '.join(known)}")
+    if parts[0] == "model" and name == "options":
+        if not isinstance(value, dict):
+            raise UserError(f"{where}config key 'model.options' must be a mapping, got {value!r}")
+        section.options.update(value)
+        return
+    hints = typing.get_type_hints(type(section))
+    if key == "sim2real.mode" and value is False:
+        value = "off"  # YAML 1.1 reads a bare `off` as false
+    if key == "data.services" and isinstance(value, str):
+        value = [value]  # data.services=net means [net]
+    try:
+        if key == "data.split":
+            checked = _check_split(value)
+        else:
+            checked = _coerce(key, value, hints[name])
+    except UserError as exc:
+        raise UserError(f"{where}{exc}") from None
+    choices = known[name].metadata.get("choices")
+    if choices is not None and checked not in choices:
+        raise UserError(f"{where}config key {key!r} must be one of {', '.join(choices)}, got {checked!r}")
+    setattr(section, name, checked)
+
+
+def _check_model_options(cfg: ExperimentConfig) -> None:
+    """Let the model's own config dataclass judge the options now, before any data is read."""
+    from simmstnet.models.registry import build_config
+
+    try:
+        build_config(cfg.model.name, **cfg.model.options)
+    except UserError as exc:
+        raise UserError(f"model section: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``; the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"cannot read override {text!r}: use KEY=VALUE, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"cannot read override {text!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        line = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise UserError(f"cannot read the value of override {key!r} as YAML: {line}") from None
+    return key, value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from ``path`` (UserError for a missing or malformed file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}:{at} invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_mapping(cfg: ExperimentConfig, data: dict, source: str = "") -> ExperimentConfig:
+    """Set every key of a nested mapping (a YAML file's content) on ``cfg``."""
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UserError(f"{source + ': ' if source else ''}config keys must be text, got {key!r}")
+        _set(cfg, key, value, source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: ExperimentConfig | None = None, check_model: bool = True) -> ExperimentConfig:
+    """Defaults (or ``base``), then the YAML file ``path``, then ``KEY=VALUE`` overrides, checked.
+
+    Raises UserError naming the file or key for an unknown key, a wrongly typed value or an
+    impossible combination. ``check_model`` also validates the model options against the
+    registered model's config (it imports the model code).
+    """
+    cfg = copy_config(base) if base is not None else ExperimentConfig()
+    if path is not None:
+        apply_mapping(cfg, read_yaml(path), str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, "")
+    _validate(cfg)
+    if check_model:
+        _check_model_options(cfg)
+    return cfg
+
+
+def copy_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    return config_from_dict(config_to_dict(cfg), check_model=False)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    """Plain nested dict (the YAML layout: model options sit beside ``model.name``)."""
+    out: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = dataclasses.asdict(getattr(cfg, name))
+        if name == "model":
+            section = {"name": section["name"], **section["options"]}
+        out[name] = section
+    out["out"] = cfg.out
+    return out
+
+
+def config_from_dict(data: dict, check_model: bool = True) -> ExperimentConfig:
+    cfg = apply_mapping(ExperimentConfig(), data, "config")
+    _validate(cfg)
+    if check_model:
+        _check_model_options(cfg)
+    return cfg
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def config_help(model_name: str | None = None) -> str:
+    """Every key with its default and one-line help (``simmstnet train --help-config``)."""
+    lines = []
+    defaults = ExperimentConfig()
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name not in SECTIONS:
+            lines.append(f"{f.name} = {_show(getattr(defaults, f.name))}  # {f.metadata['help']}")
+            continue
+        lines.append(f"{f.name}:  # {f.metadata['help']}")
+        section = getattr(defaults, f.name)
+        for sf in dataclasses.fields(section):
+            if f.name == "model" and sf.name == "options":
+                continue
+            choices = sf.metadata.get("choices")
+            extra = f" [{'|'.join(choices)}]" if choices else ""
+            lines.append(f"  {f.name}.{sf.name} = {_show(getattr(section, sf.name))}  # {sf.metadata['help']}{extra}")
+        if f.name == "model":
+            name = model_name or defaults.model.name
+            try:
+                from simmstnet.models.registry import config_help as model_help
+
+                rows = model_help(name)
+            except (ImportError, UserError):
+                rows = []
+            if rows:
+                lines.append(f"  # options of model {name!r} (other models: `simmstnet models`, "
+                             f"`--help-config model.name=NAME`):")
+                for key, default, help_ in rows:
+                    lines.append(f"  model.{key} = {_show(default)}  # {help_}")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()

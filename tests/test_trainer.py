@@ -131,7 +131,7 @@ def test_early_stopping_and_windows_per_epoch(grid, tmp_path, test_model):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sim2real.mode=bilevel", "not implemented yet"),
+    ("sim2real.mode=bilevel", "sim2real.sim_data"),
     ("data.train_days=1", "no complete training window"),
     ("data.services=[video]", "video"),
 ])

@@ -90,11 +90,84 @@ class TrainConfig:
     resume: bool = _opt(False, "continue the run in `out` from its last checkpoint (same as --resume)")
 
 
-@dataclass
-class Sim2RealConfig:
-    mode: str = _opt("off", "use simulated data: off, mix (uniform sim+real), l2rw (learning to reweight), "
-                     "bilevel (cutting-plane sample weights)", choices=("off", "mix", "l2rw", "bilevel"))
-    sim_data: Optional[str] = _opt(None, "simulated TrafficGrid .npz file (for every mode but off)")
+# The sim2real section reuses the reweighter's own dataclass (simmstnet.train.sim2real): every
+# field of it is a ``sim2real.<key>`` with the same default, plus the data-side keys below. Only
+# the one-line help texts live here (the dataclass documents its fields as comments).
+_S2R_DATA_KEYS: list[tuple[str, Any, Any, str, tuple | None]] = [
+    ("mode", str, "off", "use simulated data: off (real only), mix (sim+real, uniform weights), "
+     "l2rw (learning to reweight, Ren et al. 2018), bilevel (the paper's cutting-plane weights); "
+     "alias train.sim2real",
+     ("off", "mix", "l2rw", "bilevel")),
+    ("sim_data", Optional[str], None, "simulated data for every mode but off: a TrafficGrid .npz or a "
+     "scenario folder (simmstnet simulate --scenarios N); each scenario is scaled by its own scaler; "
+     "alias train.sim_data", None),
+    ("max_sim_windows", Optional[int], 20000, "use at most this many simulated windows, a reproducible "
+     "random subset (null = all)", None),
+    ("sim_stride", Optional[int], None, "step between simulated window starts (null = data.stride)", None),
+    ("weight_by", str, "window", "what one lambda weights (l2rw, bilevel): window (the paper: one per "
+     "simulated window) or scenario (one shared by every window of a simulated city)",
+     ("window", "scenario")),
+    ("upper_data", str, "train", "real windows of the upper level G (l2rw, bilevel) and of mix: train "
+     "(the last train_days days) or val (the validation span, then early stopping and the best "
+     "checkpoint use the training loss of real windows instead)", ("train", "val")),
+]
+_S2R_HELP = {
+    "k_steps": "K: lower-level gradient steps unrolled per iteration (cost grows ~linearly in K)",
+    "inner_lr": "eta: step size of the unrolled lower-level steps (also l2rw's virtual step)",
+    "eps": "constraint level h <= eps (null = calibrate at the end of the warm start)",
+    "eps_factor": "calibrated eps = eps_factor x mean h over the last warm-start steps",
+    "eps_calib_steps": "warm-start steps (the last ones) whose h calibrates eps",
+    "k_pre": "phase 1: drop inactive planes and maybe add one every k_pre iterations",
+    "p_max": "most cutting planes kept (memory: p_max copies of the model parameters)",
+    "t1": "phase switch: <= 1 a fraction of all iterations, > 1 an iteration number",
+    "lr_lambda": "Adam learning rate of the per-window parameters lambda (weight = sigmoid(lambda))",
+    "lr_gamma": "dual ascent step on the plane values",
+    "rho": "phase-2 quadratic penalty weight on violated planes",
+    "warm_start_epochs": "epochs of uniform-weight training on simulated data before reweighting",
+    "lambda_init": "initial lambda of every simulated window (0 = weight 0.5)",
+    "upper": "where G is evaluated: unrolled (at phi_K) or theta (the literal reconstruction)",
+    "live_constraint": "also enforce h <= eps at the current point every step (dual gamma0)",
+    "live_phase2": "live constraint in phase 2: dual (keep ascent) or penalty (rho)",
+    "lr_gamma0": "dual ascent step of the live constraint (on h/eps - 1)",
+    "normalize_weights": "lower level = weighted mean loss sum(w l)/sum(w) instead of (1/N) sum(w l)",
+    "normalize_planes": "divide each plane by ||(a, b)||: the same half-space with scale-free duals",
+    "real_batch_size": "real windows per step for G and the real loss term (null = train.batch_size)",
+    "lower_coef": "bilevel: theta also descends lower_coef x the weighted simulated loss (0 = the "
+                  "reconstruction, where sim data reach theta only through phi_K and the constraint)",
+}
+_S2R_CHOICES = {"upper": ("unrolled", "theta"), "live_phase2": ("dual", "penalty")}
+
+
+def _make_sim2real_section() -> type:
+    from simmstnet.train.sim2real import Sim2RealConfig as Core
+
+    hints = typing.get_type_hints(Core)
+    core_defaults = Core()
+    specs = []
+    for name, hint, default, help_, choices in _S2R_DATA_KEYS:
+        specs.append((name, hint, _opt(default, help_, choices)))
+    for f in dataclasses.fields(Core):
+        if f.name == "mode":
+            continue
+        if f.name not in _S2R_HELP:  # a new reweighter field must get its help text here
+            raise RuntimeError(f"config: no help for sim2real.{f.name}")
+        specs.append((f.name, hints[f.name],
+                      _opt(getattr(core_defaults, f.name), _S2R_HELP[f.name], _S2R_CHOICES.get(f.name))))
+    cls = dataclasses.make_dataclass("Sim2RealConfig", specs)
+    cls.__module__ = __name__
+    cls.__doc__ = ("The sim2real section: the data-side keys (mode, sim_data, max_sim_windows, sim_stride, "
+                   "upper_data) and every field of simmstnet.train.sim2real.Sim2RealConfig.")
+    return cls
+
+
+Sim2RealConfig = _make_sim2real_section()
+
+
+def reweighter_config(section: Any):
+    """The :class:`simmstnet.train.sim2real.Sim2RealConfig` of a config's sim2real section."""
+    from simmstnet.train.sim2real import Sim2RealConfig as Core
+
+    return Core(**{f.name: getattr(section, f.name) for f in dataclasses.fields(Core)}).validate()
 
 
 @dataclass
@@ -231,6 +304,12 @@ def _validate(cfg: "ExperimentConfig") -> None:
         raise UserError(f"config key 'train.weighting_beta' must be in [0, 1), got {t.weighting_beta}")
     if not t.weighting_tau > 0:
         raise UserError(f"config key 'train.weighting_tau' must be positive, got {t.weighting_tau}")
+    s = cfg.sim2real
+    for key in ("max_sim_windows", "sim_stride"):
+        v = getattr(s, key)
+        if v is not None and v < 1:
+            raise UserError(f"config key 'sim2real.{key}' must be at least 1 or null, got {v}")
+    reweighter_config(s)  # the reweighter's own range checks name sim2real.<field>
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UserError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
@@ -243,9 +322,14 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+# The issue's spelling of the two main sim2real keys; the sim2real section is the primary form.
+_ALIASES = {"train.sim2real": "sim2real.mode", "train.sim_data": "sim2real.sim_data"}
+
+
 def _set(cfg: ExperimentConfig, key: str, value: Any, source: str) -> None:
     """Set dotted ``key`` (``train.lr``, ``out``, ``model.d_model``) on ``cfg`` after checking it."""
     where = f"{source}: " if source else ""
+    key = _ALIASES.get(key, key)
     parts = key.split(".")
     value = _plain(value)
     top = _fields(ExperimentConfig)

@@ -79,6 +79,15 @@ With S a simulated minibatch (indices I), R a real minibatch, theta the model pa
    the small real set, a tighter one holds theta near the weighted simulated optimum while
    lambda catches up. 0.5 did best on both toy problems (benchmark).
 
+6. ``lower_coef`` (default 0, i.e. off; added with the trainer integration): theta's gradient
+   also gets lower_coef x grad_theta g_S(lambda, theta), the weighted simulated loss. Why: in
+   the reconstruction theta sees the simulated data only through phi_K (one eta-step) and the
+   constraint h <= eps, a second-order pull towards stationarity of g; measured on the Milano
+   scarce-data benchmark, theta then trains essentially on the small real set and bilevel
+   tracked ``off``, not ``mix`` (benchmarks/bench_sim2real_evidence.py). With lower_coef = 1
+   theta descends G + g_S + constraint terms, a learned-weight counterpart of ``mix``. The
+   gradient is the unroll's first step, so it costs nothing extra.
+
 Memory: lambda and each plane's a are N floats; each plane's b is a copy of the parameters
 (p_max * D floats). Compute per step after the warm start: K forward/backward passes on the
 simulated batch with a second-order graph, one real forward at phi_K and one backward through
@@ -131,6 +140,7 @@ class Sim2RealConfig:
     normalize_weights: bool = True  # lower level = weighted *mean* loss (sum w l / sum w), see docstring
     normalize_planes: bool = True  # divide each plane by ||(a, b)||: same half-space, scale-free duals
     real_batch_size: Optional[int] = None  # real minibatch size for G; None = train batch size
+    lower_coef: float = 0.0  # theta also descends lower_coef x the weighted sim loss (0 = as reconstructed)
 
     def validate(self) -> "Sim2RealConfig":
         """Raise UserError naming the ``sim2real.<field>`` that is out of range."""
@@ -154,6 +164,8 @@ class Sim2RealConfig:
                 bad(name, "must be a positive number")
         if self.rho < 0:
             bad("rho", "must be >= 0")
+        if not (self.lower_coef >= 0 and math.isfinite(self.lower_coef)):
+            bad("lower_coef", "must be a number >= 0")
         if self.eps is not None and not self.eps >= 0:
             bad("eps", "must be >= 0 (or null to calibrate)")
         if self.warm_start_epochs < 0:
@@ -447,12 +459,15 @@ class BilevelReweighter(Reweighter):
         names = list(params)
         disp = None  # theta - phi_k, per parameter: the summed eta * gradients
         phi = params
+        self._grad_at_theta = None  # the first step's gradient of g at theta (for lower_coef)
         for _ in range(self.cfg.k_steps):
             ls = self._losses(phi, sim_batch)
             # normalized: argmin_theta is unchanged, but h loses the trivial "all weights -> 0" way down
             g_low = (w * ls).sum() / w.sum() if self.cfg.normalize_weights else (w * ls).mean()
             grads = torch.autograd.grad(g_low, [phi[n] for n in names], create_graph=create_graph,
                                         allow_unused=True)
+            if self._grad_at_theta is None:
+                self._grad_at_theta = {n: g.detach() for n, g in zip(names, grads) if g is not None}
             step = [self.cfg.inner_lr * (g if g is not None else torch.zeros_like(params[n]))
                     for n, g in zip(names, grads)]
             disp = step if disp is None else [d + s for d, s in zip(disp, step)]
@@ -567,6 +582,10 @@ class BilevelReweighter(Reweighter):
         self.lam.grad = (g_lam + n_lam).detach()
         self.lam_opt.step()
         self._accumulate_grad(self._unflat(g_theta + n_theta))
+        if cfg.lower_coef > 0 and h is not None:
+            # lower-level descent: theta also follows the weighted simulated loss, whose gradient
+            # at theta the unroll has computed already (no extra pass)
+            self._accumulate_grad({n: cfg.lower_coef * g for n, g in self._grad_at_theta.items()})
 
         self.t += 1
         active = self.planes.active

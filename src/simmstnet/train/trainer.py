@@ -14,6 +14,19 @@ Steps (:meth:`Trainer.run`):
 4. evaluation of the best model on every validation and test window; ``metrics.json``,
    ``history.csv``, loss curves and a forecast-vs-truth figure per service.
 
+Sim2real (``sim2real.mode`` mix | l2rw | bilevel, see :mod:`simmstnet.train.sim2real`): the
+simulated windows of ``sim2real.sim_data`` (:mod:`simmstnet.train.sim_data`) drive the epoch (one
+step per simulated batch); real batches are drawn cyclically beside them from the real training
+windows (``sim2real.upper_data=train``) or the validation windows (``val``). Each step calls
+``reweighter.step(sim_batch, real_batch)``, which accumulates the gradient; the trainer clips,
+steps the optimizer and the schedule as usual. A window's loss is the task-weighted sum of its
+per-service masked mean losses (the task weights are updated once per step from every loss the
+reweighter evaluated). When ``data.train_days`` leaves no complete real training window, ``mix``
+trains on simulated windows only and l2rw/bilevel need ``sim2real.upper_data=val``. With
+``upper_data=val`` the validation windows are training data: early stopping is off and the last
+epoch is kept as the model (logged, and recorded in metrics.json). The reweighter's state is part
+of ``last.pt``; diagnostics go to ``sim2real_*`` files (:mod:`simmstnet.train.sim2real_report`).
+
 Under ``torchrun`` every rank trains on its shard (DistributedDataParallel); rank 0 alone
 evaluates and writes (see :mod:`simmstnet.train.distributed`).
 
@@ -74,8 +87,29 @@ def load_grid(path: str | Path | None, services: list[str] | None = None, step: 
     return grid
 
 
-def prepare_data(cfg: ExperimentConfig, grid: TrafficGrid | None = None) -> RunData:
-    """Split, fit the scaler on the training data range and build the three window datasets."""
+def _scarce_ranges(grid: TrafficGrid, split, L: int, H: int, days: int):
+    """Ranges with ``train_days`` that may leave no complete training window.
+
+    Returns ``(ranges, scaler_range)``; ``ranges["train"]`` is None when the last ``days`` days
+    hold fewer than L + H steps (then the scaler is fitted on those days' data anyway)."""
+    from simmstnet.data.windows import data_range, split_ranges
+
+    ranges = split_ranges(grid, split, L, H)
+    a = ranges["val"][0]
+    step = grid.step
+    keep = days * (86400 // step) if 86400 % step == 0 else None
+    if keep is not None and 0 <= a - keep and keep < L + H:
+        return {**ranges, "train": None}, (a - keep, a)
+    ranges = split_ranges(grid, split, L, H, train_days=days)  # raises for every other problem
+    return ranges, data_range(ranges["train"], L)
+
+
+def prepare_data(cfg: ExperimentConfig, grid: TrafficGrid | None = None,
+                 allow_no_train: bool = False) -> RunData:
+    """Split, fit the scaler on the training data range and build the three window datasets.
+
+    ``allow_no_train`` (sim2real): a ``data.train_days`` too short for one training window gives
+    ``train=None`` instead of an error."""
     from simmstnet.data.scaling import Scaler
     from simmstnet.data.windows import WindowDataset, data_range, split_ranges
 
@@ -87,12 +121,17 @@ def prepare_data(cfg: ExperimentConfig, grid: TrafficGrid | None = None) -> RunD
             grid = grid.resample(parse_step(d.step))
         if d.services:
             grid = grid.select_services(d.services)
-    ranges = split_ranges(grid, d.split, d.input_len, d.horizon, train_days=d.train_days)
+    if allow_no_train and d.train_days is not None:
+        ranges, fit_range = _scarce_ranges(grid, d.split, d.input_len, d.horizon, d.train_days)
+    else:
+        ranges = split_ranges(grid, d.split, d.input_len, d.horizon, train_days=d.train_days)
+        fit_range = data_range(ranges["train"], d.input_len)
     # Only data the training windows can read (inputs included) informs the scaler.
-    scaler = Scaler.fit(grid, data_range(ranges["train"], d.input_len), kind=d.scaler)
+    scaler = Scaler.fit(grid, fit_range, kind=d.scaler)
     common = dict(input_len=d.input_len, label_len=d.label_len, horizon=d.horizon, patch=d.patch,
                   scaler=scaler)
-    train = WindowDataset(grid, stride=d.stride, target_range=ranges["train"], **common)
+    train = (WindowDataset(grid, stride=d.stride, target_range=ranges["train"], **common)
+             if ranges["train"] is not None else None)
     val = WindowDataset(grid, target_range=ranges["val"], **common)
     test = WindowDataset(grid, target_range=ranges["test"], **common)
     return RunData(grid, ranges, scaler, train, val, test)
@@ -110,8 +149,9 @@ def protocol(cfg: ExperimentConfig, data: RunData) -> dict:
         "data": cfg.data.path,
         "services": list(g.services),
         "split": cfg.data.split,
-        "split_ranges": {name: {"target_steps": [lo, hi], "first_target": when(lo), "last_target": when(hi - 1)}
-                         for name, (lo, hi) in data.ranges.items()},
+        "split_ranges": {name: ({"target_steps": [r[0], r[1]], "first_target": when(r[0]),
+                                 "last_target": when(r[1] - 1)} if r is not None else None)
+                         for name, r in data.ranges.items()},
         "input_len": cfg.data.input_len,
         "label_len": cfg.data.label_len,
         "horizon": cfg.data.horizon,
@@ -120,7 +160,8 @@ def protocol(cfg: ExperimentConfig, data: RunData) -> dict:
         "mask_rule": MASK_RULE,
         "train_days": cfg.data.train_days,
         "scaler": f"{cfg.data.scaler}, fitted on observed training values only",
-        "windows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "windows": {"train": len(data.train) if data.train is not None else 0, "val": len(data.val),
+                    "test": len(data.test)},
     }
 
 
@@ -199,8 +240,6 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, grid: TrafficGrid | None = None, resume: bool | None = None,
                  progress: bool = True, quiet: bool = False, hooks: Hooks | None = None):
-        if cfg.sim2real.mode != "off":
-            raise UserError(f"sim2real.mode={cfg.sim2real.mode} is not implemented yet; use sim2real.mode=off")
         self.cfg = cfg
         self.grid = grid
         self.resume = bool(cfg.train.resume if resume is None else resume)
@@ -208,6 +247,10 @@ class Trainer:
         self.quiet = quiet
         self.hooks = hooks or Hooks()
         self.history: list[dict] = []
+        self.sim = None  # SimWindowSet (sim2real modes)
+        self.rw = None  # Reweighter (sim2real modes)
+        self.s2r_history: list[dict] = []
+        self.val_is_training = cfg.sim2real.mode != "off" and cfg.sim2real.upper_data == "val"
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str) -> None:
@@ -251,15 +294,27 @@ class Trainer:
         self.out = self._out_folder()
         self._check_folder()
         seed_everything(tc.seed)
-        self.data = data = prepare_data(cfg, self.grid)
+        s2r = cfg.sim2real
+        if s2r.mode != "off":
+            self._check_sim2real_setup(info)
+        self.data = data = prepare_data(cfg, self.grid, allow_no_train=s2r.mode != "off")
         services = data.grid.services
-        self.log(f"data: {data.grid!r}; windows train {len(data.train)}, val {len(data.val)}, "
+        n_train = len(data.train) if data.train is not None else 0
+        self.log(f"data: {data.grid!r}; windows train {n_train}, val {len(data.val)}, "
                  f"test {len(data.test)}; device {device}"
                  + (f", {info.world_size} processes" if info.enabled else ""))
+        if s2r.mode != "off":
+            self._load_sim(data)
 
-        self.dims = dims = DataDims.from_dataset(data.train)
+        self.dims = dims = DataDims.from_dataset(data.train if data.train is not None else self.sim.datasets[0])
         model = build_model(cfg.model.name, dims, **cfg.model.options)
+        if s2r.mode != "off" and getattr(model, "needs_cells", False):
+            raise UserError(f"model {cfg.model.name} uses cell identities, which simulated cities do not "
+                            f"share: it cannot train with sim2real.mode={s2r.mode}")
         if hasattr(model, "fit"):
+            if data.train is None:
+                raise UserError(f"model {cfg.model.name} is fitted on the real training windows, and "
+                                f"data.train_days={cfg.data.train_days} leaves none")
             model.fit(data.train)
         model.to(device)
         self.model = model
@@ -295,11 +350,59 @@ class Trainer:
             return {}
         return self._finish(model)
 
+    # ------------------------------------------------------------------ sim2real setup
+    def _check_sim2real_setup(self, info) -> None:
+        s2r = self.cfg.sim2real
+        if s2r.sim_data is None:
+            raise UserError(f"sim2real.mode={s2r.mode} needs simulated data: set sim2real.sim_data="
+                            f"FILE.npz or a scenario folder (simmstnet simulate)")
+        if info.enabled:
+            raise UserError(f"sim2real.mode={s2r.mode} does not run under torchrun/DDP (the reweighter "
+                            f"differentiates through the bare model); train on one process")
+
+    def _load_sim(self, data: RunData) -> None:
+        """Build the simulated window set and check that the real windows the mode needs exist."""
+        from simmstnet.train.sim_data import build_sim_windows
+
+        cfg, d, s2r = self.cfg, self.cfg.data, self.cfg.sim2real
+        self.real_upper = data.val if s2r.upper_data == "val" else data.train
+        if self.real_upper is None:
+            if s2r.mode in ("l2rw", "bilevel"):
+                raise UserError(f"sim2real.mode={s2r.mode} needs real windows for its upper level, but "
+                                f"data.train_days={d.train_days} leaves no complete training window "
+                                f"(input_len + horizon = {d.input_len + d.horizon} steps); set "
+                                f"sim2real.upper_data=val to use the validation span")
+            self.log(f"data.train_days={d.train_days} leaves no complete real training window: "
+                     f"sim2real.mode=mix trains on simulated windows only")
+        self.sim = build_sim_windows(s2r.sim_data, data.grid.services, data.grid.step, d.input_len,
+                                     d.label_len, d.horizon, d.patch, stride=s2r.sim_stride or d.stride,
+                                     scaler_kind=d.scaler, max_windows=s2r.max_sim_windows,
+                                     seed=cfg.train.seed)
+        self.log(f"sim2real {s2r.mode}: {len(self.sim)} simulated windows (of {self.sim.n_available}) "
+                 f"from {self.sim.n_scenarios} scenario(s); real windows for it: "
+                 f"{len(self.real_upper) if self.real_upper is not None else 0} ({s2r.upper_data})"
+                 + ("; validation windows are training data: early stopping off, last epoch kept"
+                    if self.val_is_training else ""))
+
+    def _sample_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        """(B,) each window's task-weighted loss: sum_c w_c * (masked mean loss of service c).
+
+        pred, batch["y"]: (B, H, C) scaled; the per-service sums and counts are recorded so the
+        step can update the task weighting and the logged training losses."""
+        from simmstnet.train.losses import masked_sample_losses
+
+        sums, counts = masked_sample_losses(pred.float(), batch["y"], batch["y_mask"], kind=self.cfg.train.loss)
+        self._task_record.append((sums.detach().sum(0), counts.detach().sum(0)))
+        per_task = sums / counts.clamp_min(1.0)                                  # (B, C)
+        return (per_task * self._task_w.to(per_task)).sum(1)
+
     # ------------------------------------------------------------------ training
     def _train(self, model, services, make_loss_weighting) -> None:
         from simmstnet.data.windows import BatchLoader
         from simmstnet.train.losses import masked_sample_losses
 
+        if self.cfg.sim2real.mode != "off":
+            return self._train_sim2real(model, services, make_loss_weighting)
         cfg, tc, info = self.cfg, self.cfg.train, self.dist
         device = info.device
         loader = BatchLoader(self.data.train, tc.batch_size, shuffle=True, seed=tc.seed,
@@ -394,8 +497,148 @@ class Trainer:
             self.finished = True
             self._save_last(model, opt, sched, weighting)
 
+    def _train_sim2real(self, model, services, make_loss_weighting) -> None:
+        """The epoch loop of mix / l2rw / bilevel (one process; see the module docstring)."""
+        from simmstnet.config import reweighter_config
+        from simmstnet.data.windows import BatchLoader
+        from simmstnet.train.sim2real import make_reweighter
+
+        cfg, tc, device = self.cfg, self.cfg.train, self.dist.device
+        mode = cfg.sim2real.mode
+        sim_loader = BatchLoader(self.sim, tc.batch_size, shuffle=True, seed=tc.seed)
+        steps = len(sim_loader)
+        if tc.max_windows_per_epoch is not None:
+            steps = min(steps, math.ceil(tc.max_windows_per_epoch / tc.batch_size))
+        real_ds = self.real_upper
+        real_loader = (BatchLoader(real_ds, cfg.sim2real.real_batch_size or tc.batch_size, shuffle=True,
+                                   seed=tc.seed + 1) if real_ds is not None else None)
+        opt = make_optimizer(model.parameters(), tc)
+        sched = make_scheduler(opt, tc, steps)
+        weighting = make_loss_weighting(tc.loss_weighting, len(services), beta=tc.weighting_beta,
+                                        tau=tc.weighting_tau)
+        self._task_w = weighting.current()
+        # weight_by=scenario: one lambda per simulated city; the reweighter then sees the scenario
+        # id as the window index (see _rw_batch) and has n_scenarios "windows".
+        self.per_scenario = cfg.sim2real.weight_by == "scenario"
+        n_lambda = self.sim.n_scenarios if self.per_scenario else len(self.sim)
+        self.rw = make_reweighter(reweighter_config(cfg.sim2real), model, n_lambda, self._sample_loss,
+                                  device=device, steps_per_epoch=steps, total_steps=tc.epochs * steps)
+        if self.resume:
+            self._restore(model, opt, sched, weighting)
+        if self.finished:
+            self.log(f"{self.out}: training had finished; redoing the final evaluation")
+            return
+        eval_bs = tc.eval_batch_size or 4 * tc.batch_size
+        stop = tc.patience > 0 and self.bad_epochs >= tc.patience
+        C = len(services)
+        for epoch in range(self.epoch + 1, tc.epochs + 1):
+            if stop:
+                break
+            t0 = time.perf_counter()
+            sim_loader.set_epoch(epoch)
+            real_iter = self._cycle(real_loader, epoch) if real_loader is not None else None
+            model.train()
+            sum_loss = torch.zeros(C, dtype=torch.float64)
+            sum_total, n_steps = 0.0, 0
+            bar = tqdm(total=steps, desc=f"epoch {epoch}/{tc.epochs} ({mode})", unit="step", leave=False,
+                       file=sys.stderr, disable=not self.progress or None)
+            for i, sim_batch in enumerate(sim_loader):
+                if i >= steps:
+                    break
+                if self.hooks.on_batch is not None:
+                    self.hooks.on_batch(0, sim_batch)
+                sim_batch = prepare_batch(sim_batch, self.sim, model, device)
+                if self.per_scenario:
+                    sim_batch = {**sim_batch, "index": sim_batch["scenario"]}
+                real_batch = (prepare_batch(next(real_iter), real_ds, model, device)
+                              if real_iter is not None else None)
+                self._task_w = weighting.current()
+                self._task_record = []
+                opt.zero_grad(set_to_none=True)
+                # bf16 autocast only for the first-order mix step; second-order graphs stay in fp32
+                with autocast(device, tc.amp and mode == "mix"):
+                    diag = self.rw.step(sim_batch, real_batch)
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                sched.step()
+                sums = sum(r[0] for r in self._task_record)
+                counts = sum(r[1] for r in self._task_record)
+                step_losses = (sums / counts.clamp_min(1.0)).double().cpu()
+                weighting.weights(step_losses)
+                sum_loss += step_losses
+                sum_total += float(diag.get("loss", diag.get("G", float("nan"))))
+                n_steps += 1
+                if n_steps % tc.log_every == 0 or n_steps == steps:
+                    post = {k: f"{diag[k]:.4g}" for k in ("loss", "G", "h") if k in diag}
+                    if "phase" in diag:
+                        post["phase"] = diag["phase"]
+                    bar.set_postfix(post)
+                bar.update(1)
+            bar.close()
+            if n_steps == 0:
+                raise UserError(f"no training step in epoch {epoch}: {len(self.sim)} simulated windows")
+            train_seconds = time.perf_counter() - t0
+            summary = self.rw.end_epoch()
+            self.s2r_history.append({**summary, "train_seconds": train_seconds})
+            extra = {f"s2r_{k}": summary[k] for k in ("G", "h", "planes", "gamma0", "w_mean", "w_std")
+                     if k in summary}
+            extra["s2r_train_seconds"] = train_seconds
+            stop = self._end_epoch(epoch, model, services, sum_loss / n_steps, sum_total / n_steps,
+                                   weighting, opt, train_seconds, eval_bs, extra=extra)
+            self._rng = [ckpt.rng_state()]
+            self._save_last(model, opt, sched, weighting)
+            self._write_history()
+            self._write_sim2real()
+            if self.hooks.on_epoch_end is not None:
+                self.hooks.on_epoch_end(epoch, self)
+            if stop:
+                break
+        self.finished = True
+        self._save_last(model, opt, sched, weighting)
+
+    @staticmethod
+    def _cycle(loader, epoch: int):
+        """Real batches without end: reshuffled on each pass, reproducibly from (epoch, pass)."""
+        k = 0
+        while True:
+            loader.set_epoch(epoch * 1_000_003 + k)
+            yield from loader
+            k += 1
+
+    def _window_weights(self) -> np.ndarray:
+        """(n_sim,) the final weight of every simulated window (its city's with weight_by=scenario)."""
+        w = self.rw.weights().detach().cpu().numpy()
+        return w[self.sim.scenario_of] if self.per_scenario else w
+
+    def _write_sim2real(self) -> dict:
+        """The sim2real diagnostics files (history, weights, report, plot) in the run folder."""
+        from simmstnet.train.sim2real_report import write_diagnostics
+
+        w = self._window_weights()
+        params = self.sim.scenario_params or None
+        return write_diagnostics(self.out, self.s2r_history, w, self.sim.scenario_of, params,
+                                 param=_telling_param(w, self.sim.scenario_of, params))
+
+    def _sim2real_block(self) -> dict:
+        from simmstnet.train.sim2real_report import weights_report
+
+        w = self._window_weights()
+        rep = weights_report(w)
+        secs = [r["train_seconds"] for r in self.s2r_history]
+        return {"mode": self.cfg.sim2real.mode, "sim_data": self.cfg.sim2real.sim_data,
+                "n_sim_windows": len(self.sim), "n_sim_available": self.sim.n_available,
+                "n_scenarios": self.sim.n_scenarios,
+                "n_real_windows": len(self.real_upper) if self.real_upper is not None else 0,
+                "real_windows_from": self.cfg.sim2real.upper_data,
+                "weight_by": self.cfg.sim2real.weight_by,
+                "val_used_for_training": self.val_is_training,
+                "weights": {k: rep[k] for k in ("n", "n_weighted", "mean", "std", "quantiles") if k in rep},
+                "seconds_per_epoch": (sum(secs) / len(secs)) if secs else None,
+                "eps": getattr(self.rw, "eps", None)}
+
     def _end_epoch(self, epoch, model, services, task_loss, total_loss, weighting, opt,
-                   seconds, eval_bs) -> bool:
+                   seconds, eval_bs, extra: dict | None = None) -> bool:
         """Rank 0: validate, update early stopping and the best checkpoint, log; returns "stop"."""
         tc = self.cfg.train
         device = self.dist.device
@@ -408,7 +651,9 @@ class Trainer:
         if mae is None or not math.isfinite(mae):
             raise UserError(f"training diverged: validation MAE is {mae} after epoch {epoch} "
                             f"(try a lower train.lr or train.grad_clip)")
-        improved = mae < self.best["mae"]
+        # With sim2real.upper_data=val the validation windows trained the model: they cannot pick
+        # the epoch, so every epoch counts as the best one (the last is kept) and patience is off.
+        improved = mae < self.best["mae"] or self.val_is_training
         if improved:
             self.best = {"mae": mae, "epoch": epoch}
             self.bad_epochs = 0
@@ -429,6 +674,7 @@ class Trainer:
         row["val_rmse"] = val["metrics"]["overall"]["rmse"]
         for s in services:
             row[f"val_mae_{s}"] = val["metrics"][s]["mae"]
+        row.update(extra or {})
         row["seconds"] = time.perf_counter() - t0 + seconds
         self.history.append(row)
         losses = " ".join(f"{s} {row[f'train_loss_{s}']:.4f}" for s in services)
@@ -456,6 +702,9 @@ class Trainer:
                  "weighting": weighting.state_dict(), "epoch": self.epoch, "best": dict(self.best),
                  "bad_epochs": self.bad_epochs, "history": list(self.history),
                  "train_seconds": self.train_seconds, "finished": self.finished, "rng": self._rng}
+        if self.rw is not None:
+            state["sim2real"] = self.rw.state_dict()
+            state["sim2real_history"] = list(self.s2r_history)
         ckpt.save_checkpoint(self.out / ckpt.LAST, state)
 
     def _restore(self, model, opt, sched, weighting) -> None:
@@ -469,6 +718,12 @@ class Trainer:
         weighting.load_state_dict(state["weighting"])
         self.epoch, self.best, self.bad_epochs = int(state["epoch"]), dict(state["best"]), int(state["bad_epochs"])
         self.history = list(state["history"])
+        if self.rw is not None:
+            if "sim2real" not in state:
+                raise UserError(f"{self.out / ckpt.LAST}: checkpoint has no sim2real state; this config "
+                                f"sets sim2real.mode={self.cfg.sim2real.mode}")
+            self.rw.load_state_dict(state["sim2real"])
+            self.s2r_history = list(state.get("sim2real_history", []))
         self.train_seconds = float(state["train_seconds"])
         self.finished = bool(state.get("finished", False))
         self._rng = rng = state.get("rng")
@@ -522,6 +777,9 @@ class Trainer:
             "val": val["metrics"],
             "test": test["metrics"],
         }
+        if self.rw is not None:
+            metrics["sim2real"] = self._sim2real_block()
+            self._write_sim2real()
         with atomic_path(self.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         if not self.history:  # a model without parameters: an empty history, for a uniform folder
@@ -555,6 +813,27 @@ def plot_forecasts(model, data: RunData, out: Path, batch_size: int = 256, devic
                                    title=f"{s}: cell (row {row}, col {col}), horizon step {horizon_step}, test span",
                                    label=label, xlabel=f"local time ({g.timezone})"))
     return paths
+
+
+def _telling_param(weights: np.ndarray, scenario_of: np.ndarray, params: dict | None) -> str | None:
+    """The simulator parameter whose value correlates most (|Pearson r|) with the scenarios' mean
+    weight: the most telling x-axis for the per-scenario plot (None without parameters)."""
+    if not params:
+        return None
+    scen = np.unique(scenario_of)
+    means = np.array([np.nanmean(weights[scenario_of == s]) if np.any(~np.isnan(weights[scenario_of == s]))
+                      else np.nan for s in scen])
+    best, best_r = next(iter(params)), -1.0
+    ok = ~np.isnan(means)
+    for name, vals in params.items():
+        x = np.asarray(vals, dtype=np.float64)[scen][ok]
+        y = means[ok]
+        if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
+            continue
+        r = abs(float(np.corrcoef(x, y)[0, 1]))
+        if r > best_r:
+            best, best_r = name, r
+    return best
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,228 @@
+"""Sim2real in the trainer: every mode from the CLI, the simulated window set, resume, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from simmstnet.cli import main
+from simmstnet.config import load_config
+from simmstnet.errors import UserError
+from simmstnet.sim import simulate_to_path
+from simmstnet.train.sim_data import build_sim_windows
+from simmstnet.train.trainer import Hooks, Trainer
+
+from .conftest import make_grid
+
+BASE = ["data.input_len=12", "data.label_len=6", "data.horizon=3", "data.patch=3",
+        "train.batch_size=64", "train.lr=3e-3", "train.device=cpu", "model.name=stnet",
+        "data.services=[net]", "model.d_model=8", "model.d_ff=16", "model.enc_layers=1",
+        "model.n_heads=1", "sim2real.max_sim_windows=512", "sim2real.warm_start_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny real grid (6 days, 4x5, hourly) and a 2-scenario simulated folder (4x4, 3 days)."""
+    root = tmp_path_factory.mktemp("s2r")
+    real = make_grid(T=24 * 6).save(root / "real.npz")
+    sim = simulate_to_path(root / "sim", rows=4, cols=4, days=3, step="1h", scenarios=2, seed=0,
+                           progress=False)
+    return {"real": str(real), "sim": str(sim), "root": root}
+
+
+def _args(files, out, *extra):
+    return ["train", "--no-progress", f"data.path={files['real']}", f"sim2real.sim_data={files['sim']}",
+            *BASE, f"out={out}", *extra]
+
+
+@pytest.mark.parametrize("mode", ["mix", "l2rw", "bilevel"])
+def test_each_mode_trains_from_the_cli_and_writes_diagnostics(files, tmp_path, mode):
+    out = tmp_path / mode
+    assert main(_args(files, out, f"sim2real.mode={mode}", "train.epochs=2")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    block = metrics["sim2real"]
+    assert block["mode"] == mode and block["n_sim_windows"] == 512 and block["n_scenarios"] == 2
+    assert block["n_real_windows"] == metrics["protocol"]["windows"]["train"] > 0
+    assert block["seconds_per_epoch"] > 0
+    for name in ("sim2real_history.csv", "sim2real_report.json", "sim2real_weights.png", "history.csv"):
+        assert (out / name).is_file(), name
+    saved = np.load(out / "sim2real_weights.npz")
+    w, sid = saved["weights"], saved["scenario_ids"]
+    assert w.shape == sid.shape == (512,) and set(np.unique(sid)) == {0, 1}
+    report = json.loads((out / "sim2real_report.json").read_text())
+    assert [r["id"] for r in report["scenarios"]] == [0, 1]
+    assert "bs_spacing_m" in report["scenarios"][0]  # simulator parameters beside each scenario
+    rows = (out / "sim2real_history.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + one row per epoch
+    if mode == "mix":
+        assert np.all(w == 1.0)
+    elif mode == "l2rw":
+        seen = w[~np.isnan(w)]
+        assert seen.size > 0 and np.all(seen >= 0) and seen.std() > 0
+    else:
+        # one reweighting epoch after the warm start: the weights moved apart from 0.5
+        assert np.all((w > 0) & (w < 1)) and w.std() > 1e-3
+        assert "G" in rows[0] and "h" in rows[0].split(",")
+        assert block["eps"] is not None and block["eps"] > 0
+
+
+def test_off_ignores_sim_data_and_keeps_the_plain_run(files, tmp_path):
+    out = tmp_path / "off"
+    assert main(_args(files, out, "sim2real.mode=off", "train.epochs=1")) == 0
+    assert "sim2real" not in json.loads((out / "metrics.json").read_text())
+    assert not (out / "sim2real_weights.npz").exists()
+
+
+def test_sim_window_set_bookkeeping(files):
+    full = build_sim_windows(files["sim"], ["net", "call"], 3600, 12, 6, 3, 3)
+    sizes = [len(d) for d in full.datasets]
+    assert len(full) == full.n_available == sum(sizes)
+    assert np.array_equal(np.bincount(full.scenario_of), sizes)
+    # per-scenario scaler: each scenario's observed scaled values have mean ~0, std ~1
+    for d in full.datasets:
+        v = d._scaled.numpy()
+        v = v[~np.isnan(v)]
+        assert abs(v.mean()) < 0.1 and abs(v.std() - 1) < 0.1
+        assert d.services == ("net", "call")
+
+    capped = build_sim_windows(files["sim"], ["net"], 3600, 12, 6, 3, 3, max_windows=300, seed=4)
+    again = build_sim_windows(files["sim"], ["net"], 3600, 12, 6, 3, 3, max_windows=300, seed=4)
+    other = build_sim_windows(files["sim"], ["net"], 3600, 12, 6, 3, 3, max_windows=300, seed=5)
+    assert len(capped) == 300 and capped.n_available == sum(sizes)
+    assert np.array_equal(capped.local, again.local) and np.array_equal(capped.scenario_of, again.scenario_of)
+    assert not np.array_equal(capped.local, other.local)
+    idx = np.array([299, 0, 150, 7, 298])
+    batch = capped.get_batch(idx)
+    assert batch["index"].tolist() == idx.tolist()
+    assert batch["scenario"].tolist() == capped.scenario_of[idx].tolist()
+    for pos, j in enumerate(idx):
+        own = capped.datasets[capped.scenario_of[j]].get_batch(np.array([capped.local[j]]))
+        assert torch.equal(batch["x"][pos], own["x"][0]) and torch.equal(batch["y"][pos], own["y"][0])
+    with pytest.raises(IndexError):
+        capped.get_batch(np.array([300]))
+
+
+def test_bilevel_resume_continues_exactly(files, tmp_path):
+    over = [f"data.path={files['real']}", f"sim2real.sim_data={files['sim']}", "sim2real.mode=bilevel",
+            "train.epochs=3", "train.patience=0"]
+    ref_cfg = load_config(None, [*BASE, *over, f"out={tmp_path / 'ref'}"])
+    ref = Trainer(ref_cfg, progress=False, quiet=True).run()
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, trainer):
+        if epoch == 2:
+            raise Killed
+
+    cfg = load_config(None, [*BASE, *over, f"out={tmp_path / 'cut'}"])
+    with pytest.raises(Killed):
+        Trainer(cfg, progress=False, quiet=True, hooks=Hooks(on_epoch_end=kill)).run()
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert state["sim2real"]["mode"] == "bilevel" and state["sim2real"]["t"] > 0
+    res = Trainer(cfg, resume=True, progress=False, quiet=True).run()
+    assert res["test"]["overall"]["mae"] == ref["test"]["overall"]["mae"]
+    w_ref = np.load(tmp_path / "ref" / "sim2real_weights.npz")["weights"]
+    w_res = np.load(tmp_path / "cut" / "sim2real_weights.npz")["weights"]
+    assert np.array_equal(w_ref, w_res)
+    assert len((tmp_path / "cut" / "sim2real_history.csv").read_text().strip().splitlines()) == 4
+
+
+def test_scarce_days_without_a_real_window(files, tmp_path, capsys):
+    # train_days=1 gives 24 hourly steps, one window needs 24 + 3: no real training window
+    scarce = ["data.input_len=24", "data.label_len=6", "data.train_days=1", "train.epochs=1"]
+    assert main(_args(files, tmp_path / "bl", "sim2real.mode=bilevel", *scarce)) == 2
+    assert "sim2real.upper_data=val" in capsys.readouterr().err
+    assert main(_args(files, tmp_path / "mix", "sim2real.mode=mix", *scarce)) == 0
+    block = json.loads((tmp_path / "mix" / "metrics.json").read_text())["sim2real"]
+    assert block["n_real_windows"] == 0
+    assert main(_args(files, tmp_path / "l2rw", "sim2real.mode=l2rw", "sim2real.upper_data=val", *scarce)) == 0
+    block = json.loads((tmp_path / "l2rw" / "metrics.json").read_text())["sim2real"]
+    assert block["val_used_for_training"] is True and block["n_real_windows"] > 0
+
+
+def test_bad_sim_data(files, tmp_path, capsys):
+    assert main(_args(files, tmp_path / "a", "sim2real.mode=mix", "train.epochs=1",
+                      f"sim2real.sim_data={tmp_path / 'nope.npz'}")) == 2
+    assert "nope.npz" in capsys.readouterr().err
+    assert main(["train", f"data.path={files['real']}", *BASE, "sim2real.mode=mix", f"out={tmp_path / 'b'}"]) == 2
+    assert "sim2real.sim_data" in capsys.readouterr().err
+    two = make_grid(T=48, H=3, W=3, services=("call", "sms")).save(tmp_path / "callsms.npz")
+    with pytest.raises(UserError, match="lacks service 'net'"):
+        build_sim_windows(two, ["net"], 3600, 12, 6, 3, 3)
+    coarse = make_grid(T=48, H=3, W=3, step=7200).save(tmp_path / "coarse.npz")
+    with pytest.raises(UserError, match="coarser than the real step"):
+        build_sim_windows(coarse, ["net"], 3600, 12, 6, 3, 3)
+    fine = make_grid(T=96, H=3, W=3, step=1800, start=1383260400).save(tmp_path / "fine.npz")
+    ds = build_sim_windows(fine, ["net"], 3600, 12, 6, 3, 3)
+    assert ds.datasets[0].grid.step == 3600
+
+
+def test_config_keys(capsys):
+    assert main(["train", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    for key in ("sim2real.mode", "sim2real.sim_data", "sim2real.max_sim_windows", "sim2real.upper_data",
+                "sim2real.k_steps", "sim2real.lr_lambda", "sim2real.eps", "sim2real.real_batch_size"):
+        assert key in text, key
+    cfg = load_config(None, ["sim2real.k_steps=2", "sim2real.eps=0.1", "sim2real.mode=bilevel"])
+    assert cfg.sim2real.k_steps == 2 and cfg.sim2real.eps == 0.1
+    with pytest.raises(UserError, match="sim2real.k_steps"):
+        load_config(None, ["sim2real.k_steps=0"])
+    with pytest.raises(UserError, match="sim2real.upper_data"):
+        load_config(None, ["sim2real.upper_data=test"])
+    with pytest.raises(UserError, match="sim2real.kstep"):
+        load_config(None, ["sim2real.kstep=1"])
+
+
+def test_bilevel_weights_per_scenario(files, tmp_path):
+    out = tmp_path / "scen"
+    assert main(_args(files, out, "sim2real.mode=bilevel", "sim2real.weight_by=scenario", "train.epochs=2")) == 0
+    saved = np.load(out / "sim2real_weights.npz")
+    w, sid = saved["weights"], saved["scenario_ids"]
+    per = [np.unique(w[sid == s]) for s in (0, 1)]
+    assert all(len(p) == 1 for p in per)  # one weight per simulated city
+    assert per[0][0] != per[1][0] and per[0][0] != 0.5  # ...and it moved
+    assert json.loads((out / "metrics.json").read_text())["sim2real"]["weight_by"] == "scenario"
+
+
+def test_issue_spelling_of_the_keys_is_an_alias():
+    cfg = load_config(None, ["train.sim2real=mix", "train.sim_data=sim/folder"])
+    assert cfg.sim2real.mode == "mix" and cfg.sim2real.sim_data == "sim/folder"
+
+
+def test_lower_coef_adds_the_weighted_sim_gradient():
+    """bilevel.lower_coef = c adds exactly c x grad_theta of the weighted simulated loss."""
+    import copy
+
+    from simmstnet.train.sim2real import Sim2RealConfig, make_reweighter
+
+    torch.manual_seed(0)
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, batch):
+            return self.lin(batch["x"]).squeeze(-1)
+
+    def loss(pred, batch):
+        return (pred - batch["y"]) ** 2
+
+    sim = {"x": torch.randn(8, 4), "y": torch.randn(8), "index": torch.arange(8)}
+    real = {"x": torch.randn(6, 4), "y": torch.randn(6), "index": torch.arange(6)}
+    base = Lin()
+    grads = {}
+    for coef in (0.0, 2.0):
+        m = copy.deepcopy(base)
+        cfg = Sim2RealConfig(mode="bilevel", warm_start_epochs=0, eps=1e-3, t1=100, lower_coef=coef)
+        rw = make_reweighter(cfg, m, 8, loss, steps_per_epoch=1, total_steps=100)
+        rw.step(sim, real)
+        grads[coef] = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    probe = copy.deepcopy(base)
+    torch.nn.functional.mse_loss(probe(sim), sim["y"]).backward()  # uniform weights: the plain mean
+    want = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
+    assert torch.allclose(grads[2.0] - grads[0.0], 2.0 * want, atol=1e-6)
+    assert not torch.allclose(grads[0.0], grads[2.0])

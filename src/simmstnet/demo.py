@@ -53,7 +53,9 @@ class DemoConfig:
     batch_size: int = 64
     windows_per_epoch: int = 3072  # real or real+sim windows drawn per epoch
     val_windows: int = 4000  # per-epoch validation sample (final metrics use every window)
-    max_sim_windows: int = 40000  # simulated windows kept (reproducible sample)
+    # Simulated windows kept (a reproducible sample). One epoch's worth, so that every window's
+    # weight is updated several times in the run (a larger pool leaves most weights untouched).
+    max_sim_windows: int = 3072
     d_model: int = 32
     seed: int = 0
 

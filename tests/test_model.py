@@ -24,7 +24,7 @@ def _dims(c=3, patch=5):
 @pytest.mark.parametrize("c", [1, 3])
 @pytest.mark.parametrize("switches", [{}, {"interaction": False}, {"spatial": False},
                                       {"interaction": False, "spatial": False},
-                                      {"attn": "full"}, {"distil": True}])
+                                      {"attn": "full"}, {"enc_attn": "prob"}, {"distil": True}])
 def test_output_shape(c, switches):
     dims = _dims(c)
     model = build_model("sim-mstnet", dims, **SMALL, **switches)

@@ -99,7 +99,11 @@ def _runs(cfg: DemoConfig, sources: Path, n_services: int) -> list[tuple[str, st
               f"train.max_windows_per_epoch={cfg.windows_per_epoch}", "train.patience=0",
               f"train.max_val_windows={cfg.val_windows}",
               "train.loss_weighting=dynamic"]
-    sim = [f"sim2real.sim_data={sources}", f"sim2real.max_sim_windows={cfg.max_sim_windows}"]
+    # Warm start of one epoch (the default) unless the run is short: the reweighting phase
+    # must start before the phase switch at t1 = 80% of the run.
+    warm = max(0.25, min(1.0, cfg.epochs / 6))
+    sim = [f"sim2real.sim_data={sources}", f"sim2real.max_sim_windows={cfg.max_sim_windows}",
+           f"sim2real.warm_start_epochs={warm}"]
     runs = [
         ("bilevel", "Sim-MSTNet + bilevel sim2real", model + common + sim + ["sim2real.mode=bilevel"]),
         ("mix", "Sim-MSTNet, sim + real uniform (mix)", model + common + sim + ["sim2real.mode=mix"]),
@@ -115,7 +119,6 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.data is not None:
         user = TrafficGrid.load(cfg.data)
         if user.step not in (600, 3600):
@@ -126,6 +129,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         cfg = dataclasses.replace(cfg, days=max(7, min(int(round(days)), 56)))
     else:
         step, services, start = 3600, ("call", "sms", "net"), "2013-11-01"
+    out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be readable
     sources, target = _simulate(cfg, out, step, services, start)
     data_path = Path(cfg.data) if cfg.data is not None else out / "data" / "target.npz"
     grid = TrafficGrid.load(data_path) if target is None else target

@@ -23,6 +23,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from simmstnet.demo import DemoConfig, run_demo
+    from simmstnet.errors import UserError
+
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.train_days < 1:
+        raise UserError(f"--train-days must be at least 1, got {args.train_days}")
 
     cfg = dataclasses.replace(DemoConfig(), out=args.out, data=args.data, train_days=args.train_days,
                               epochs=args.epochs, seed=args.seed)

@@ -245,15 +245,21 @@ def _apply(space: dict, params: Any, source: str) -> dict:
     return out
 
 
-def load_space_file(path: str | Path, _depth: int = 0) -> ParamSpace:
-    """Parameter space from a YAML file (a preset or a user config with ``base``)."""
-    path = Path(path)
+def _read_space_file(path: Path) -> dict:
+    """The top-level mapping of a parameter file, with its keys checked."""
     if not path.exists():
         raise UserError(f"{path}: no such parameter file")
     data = _read_yaml(path)
     unknown = [k for k in data if k not in ("base", "params", "description")]
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r} (expected base, params, description)")
+    return data
+
+
+def load_space_file(path: str | Path, _depth: int = 0) -> ParamSpace:
+    """Parameter space from a YAML file (a preset or a user config with ``base``)."""
+    path = Path(path)
+    data = _read_space_file(path)
     space: dict = {}
     if data.get("base") is not None:
         if _depth > 5:
@@ -283,12 +289,7 @@ def build_space(preset: str = "milano-like", config: str | Path | Mapping | None
     if isinstance(config, Mapping):
         return _apply(space, dict(config), "config")
     path = Path(config)
-    if not path.exists():
-        raise UserError(f"{path}: no such parameter file")
-    data = _read_yaml(path)
-    unknown = [k for k in data if k not in ("base", "params", "description")]
-    if unknown:
-        raise UserError(f"{path}: unknown key {unknown[0]!r} (expected base, params, description)")
+    data = _read_space_file(path)
     if data.get("base") is not None:
         space = preset_space(str(data["base"]), source=f"{path}: key 'base'")
     return _apply(space, data.get("params") or {}, str(path))

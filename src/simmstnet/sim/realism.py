@@ -91,18 +91,16 @@ def _normalized(grid: TrafficGrid, service: str) -> np.ndarray:
 def _acf(z: np.ndarray, lag: int) -> float:
     if lag <= 0 or z.shape[0] <= lag + 2:
         return float("nan")
-    a, b = z[:-lag], z[lag:]
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = np.where(ok, a, np.nan), np.where(ok, b, np.nan)
-    a = a - np.nanmean(a, 0)
-    b = b - np.nanmean(b, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.nansum(a * b, 0) / np.sqrt(np.nansum(a * a, 0) * np.nansum(b * b, 0))
-    return float(np.nanmean(r))
+    return _mean_corr(z[:-lag], z[lag:])
 
 
 def _pair_corr(z: np.ndarray, i: np.ndarray, j: np.ndarray) -> float:
-    a, b = z[:, i], z[:, j]
+    return _mean_corr(z[:, i], z[:, j])
+
+
+def _mean_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over columns of the Pearson correlation of a[:, k] and b[:, k], on rows where both
+    are finite (NaN when no column has one)."""
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = np.where(ok, a, np.nan), np.where(ok, b, np.nan)
     a = a - np.nanmean(a, 0)

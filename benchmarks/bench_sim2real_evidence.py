@@ -8,23 +8,25 @@ Targets (hourly protocol: input 24, label 12, horizon 6; split 0.6 / 0.1 / 0.3 b
 * ``sim``: a simulated target city drawn with ``--shift`` outside the source scenarios' parameter
   ranges (call, sms, net); multi-task ``sim-mstnet``.
 
-Source family: ``--scenarios`` milano-like scenarios (``--rows`` x ``--cols``, the same 21-day
-calendar), shared by both targets. Scarce data: ``data.train_days`` in ``--days``. With D = 1
-there is no complete real training window (24 steps < input 24 + horizon 6): ``off`` is n/a, and
-mix / l2rw / bilevel then take their real windows from the validation span
-(``sim2real.upper_data=val``, last epoch kept, no early stopping); for D >= 3 they use the
-real training windows and early stopping on validation as usual. ``seasonal-naive-day`` is
-reported beside every result (no training, so one number per target).
+Source family: ``--scenarios`` scenarios of ``--source-preset`` (default milano-like; ``--rows``
+x ``--cols``, the same 21-day calendar), shared by both targets. Scarce data: ``data.train_days``
+in ``--days``. With D = 1 there is no complete real training window (24 steps < input 24 +
+horizon 6): ``off`` is n/a, and mix / l2rw / bilevel then take their real windows from the
+validation span (``sim2real.upper_data=val``, last epoch kept). Every run trains all ``--epochs``
+and keeps its best validation epoch (``train.patience=0``; early stopping cut bilevel runs in the
+transient after the warm start). ``seasonal-naive-day`` is reported beside every result (no
+training, so one number per target).
 
-Modes: off, mix, l2rw, bilevel (the reconstruction as in ARCHITECTURE.md) and bilevel-lc (bilevel
-with ``sim2real.lower_coef=1``, the improvement found with this benchmark).
+Modes: off, mix, l2rw, bilevel (the package defaults), bilevel-scen (one weight per simulated
+city, ``sim2real.weight_by=scenario``), bilevel-paper (the literal reconstruction:
+``sim2real.lower_coef=0 sim2real.eps_factor=0.5``); ``--variant NAME=MODE,KEY=VALUE,...`` adds more.
 
-Small models and few epochs by default so that it runs on a shared CPU (``--d-model 16``,
-``--epochs 4``, at most ``--max-sim`` simulated windows). Runs whose metrics.json exists are
-reused, so an interrupted benchmark continues. Rerun:
+Small models by default (``--d-model 16``, ``--epochs 20``, at most ``--max-sim`` simulated
+windows). Runs whose metrics.json exists are reused, so an interrupted benchmark continues;
+``--jobs N`` trains N runs at once (one thread each); ``--collect-only`` only tabulates. Rerun:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sim2real_evidence.py \\
-        --seeds 3 --days 1,3,7 --targets real,sim --epochs 4 --out runs/s2r-evidence
+        --seeds 3 --days 1,3,7 --targets real --jobs 2 --out runs/s2r-evidence
 
 Writes ``results.csv`` (one row per run), ``table.md`` / ``table.csv`` (test MAE and RMSE,
 mean +- std over seeds) and ``cost.md`` (seconds per training epoch, bilevel against mix) to --out.
@@ -42,13 +44,18 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT.parent / "shared" / "data" / "telecom-italia" / "milano-internet-r41-45-c41-45-10min-2013-11-01-to-21.csv"
-MODES = ("off", "mix", "l2rw", "bilevel", "bilevel-lc")
-# bilevel-lc: bilevel with sim2real.lower_coef=1 (theta also descends the weighted simulated loss;
-# see the sim2real module docstring, point 6, for why the reconstruction alone tracks `off`)
-VARIANTS = {"bilevel-lc": ("bilevel", ["sim2real.lower_coef=1"])}
+MODES = ("off", "mix", "l2rw", "bilevel", "bilevel-scen", "bilevel-paper")
+# bilevel: the defaults (lower_coef 1, eps_factor 2; see the sim2real module docstring, points 5-6);
+# bilevel-scen: one weight per simulated city instead of per window;
+# bilevel-paper: the literal reconstruction of ARCHITECTURE.md (theta sees the simulated data only
+# through phi_K and the constraint) with the first calibration (eps = 0.5 x the warm-start h).
+VARIANTS = {"bilevel-scen": ("bilevel", ["sim2real.weight_by=scenario"]),
+            "bilevel-paper": ("bilevel", ["sim2real.lower_coef=0", "sim2real.eps_factor=0.5"])}
+# train.patience=0: every run trains all epochs and keeps its best validation epoch (all modes
+# alike); with early stopping, bilevel runs were cut in the transient after the warm start.
 PROTOCOL = ["data.step=1h", "data.input_len=24", "data.label_len=12", "data.horizon=6",
-            "data.split=[0.6,0.1,0.3]", "data.patch=5", "train.device=cpu", "train.batch_size=64",
-            "train.lr=2e-3", "train.patience=3", "train.max_val_windows=1000"]
+            "data.split=[0.6,0.1,0.3]", "data.patch=5", "train.batch_size=64",
+            "train.lr=2e-3", "train.patience=0", "train.max_val_windows=1000"]
 
 
 def prepare_inputs(out: Path, args) -> dict:
@@ -58,8 +65,8 @@ def prepare_inputs(out: Path, args) -> dict:
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    paths = {"real": data / "milano-net-5x5-1h.npz", "sim": data / "target-city.npz",
-             "sources": data / f"sources-{args.scenarios}x{args.rows}x{args.cols}"}
+    paths = {"real": data / "milano-net-5x5-1h.npz", "sim": data / f"target-{args.source_preset}-shift{args.shift:g}.npz",
+             "sources": data / f"sources-{args.source_preset}-{args.scenarios}x{args.rows}x{args.cols}"}
     if not paths["real"].exists():
         if not CSV.is_file():
             sys.exit(f"shared data not found at {CSV}")
@@ -67,11 +74,11 @@ def prepare_inputs(out: Path, args) -> dict:
                             origin=(41, 41))
         g.resample(3600).save(paths["real"])
     if not (paths["sources"] / "index.json").exists():
-        simulate_to_path(paths["sources"], preset="milano-like", rows=args.rows, cols=args.cols, days=21,
+        simulate_to_path(paths["sources"], preset=args.source_preset, rows=args.rows, cols=args.cols, days=21,
                          step="1h", scenarios=args.scenarios, seed=0, start="2013-11-01", progress=True)
     if not paths["sim"].exists():
         # seed 1000: not one of the sources; shift > 0: parameters outside the source ranges
-        (g,) = simulate(preset="milano-like", rows=args.target_size, cols=args.target_size, days=21, step="1h",
+        (g,) = simulate(preset=args.source_preset, rows=args.target_size, cols=args.target_size, days=21, step="1h",
                         scenarios=1, seed=1000, start="2013-11-01", shift=args.shift)
         g.save(paths["sim"])
     return paths
@@ -101,21 +108,63 @@ def epoch_seconds(folder: Path, skip: int) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def parse_variant(text: str) -> tuple[str, tuple[str, list[str]]]:
+    """``NAME=MODE[,KEY=VALUE...]`` -> (NAME, (MODE, [sim2real overrides]))."""
+    name, sep, rest = text.partition("=")
+    parts = rest.split(",") if sep else []
+    if not name or not parts or parts[0] not in ("off", "mix", "l2rw", "bilevel"):
+        sys.exit(f"--variant {text!r}: expected NAME=MODE[,KEY=VALUE...] with MODE off|mix|l2rw|bilevel")
+    return name, (parts[0], parts[1:])
+
+
+def _job(job: dict) -> dict:
+    """One training run (in a worker process when --jobs > 1)."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    t0 = time.perf_counter()
+    row = {k: job[k] for k in ("target", "days", "mode", "kind", "seed")}
+    if job["collect_only"] and not (Path(job["folder"]) / "metrics.json").exists():
+        return {**row, "test_mae": None, "test_rmse": None, "sec_epoch": None, "note": "not run",
+                "seconds": 0.0}
+    try:
+        m = run_one(Path(job["folder"]), job["over"])
+    except Exception as exc:  # noqa: BLE001 - a UserError is a table entry (e.g. D=1, off)
+        from simmstnet.errors import UserError
+
+        if not isinstance(exc, UserError):
+            raise
+        return {**row, "test_mae": None, "test_rmse": None, "sec_epoch": None,
+                "note": "n/a: " + str(exc)[:80], "seconds": time.perf_counter() - t0}
+    return {**row, "test_mae": m["test"]["overall"]["mae"], "test_rmse": m["test"]["overall"]["rmse"],
+            "sec_epoch": epoch_seconds(Path(job["folder"]), job["skip"]), "note": job["note"],
+            "seconds": time.perf_counter() - t0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--days", default="1,3,7")
     ap.add_argument("--targets", default="real,sim")
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma-separated: off, mix, l2rw, bilevel and the names of --variant")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=MODE[,KEY=VALUE...]",
+                    help="a named mode with extra overrides, e.g. bl-scen=bilevel,sim2real.weight_by=scenario")
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--d-model", type=int, default=16)
-    ap.add_argument("--max-sim", type=int, default=1000, help="sim2real.max_sim_windows")
+    ap.add_argument("--max-sim", type=int, default=2000, help="sim2real.max_sim_windows")
+    ap.add_argument("--source-preset", default="milano-like", help="simulator preset of the source scenarios")
     ap.add_argument("--scenarios", type=int, default=8)
     ap.add_argument("--rows", type=int, default=10)
     ap.add_argument("--cols", type=int, default=10)
     ap.add_argument("--target-size", type=int, default=8, help="rows = cols of the simulated target city")
     ap.add_argument("--shift", type=float, default=0.5, help="simulated target: distance outside the ranges")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every sim2real run (KEY=VALUE)")
+    ap.add_argument("--set", nargs="*", default=[], dest="common", help="more overrides for every run")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
+    ap.add_argument("--device", default="cpu", help="train.device of the learned runs")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="train nothing: tabulate the runs already in --out (missing ones: not run)")
     ap.add_argument("--out", default="runs/s2r-evidence")
     args = ap.parse_args()
     out = Path(args.out)
@@ -123,6 +172,11 @@ def main() -> None:
     days = [int(d) for d in args.days.split(",")]
     targets = args.targets.split(",")
     modes = args.modes.split(",")
+    variants = dict(VARIANTS)
+    variants.update(parse_variant(v) for v in args.variant)
+    for mode in modes:
+        if mode not in ("off", "mix", "l2rw", "bilevel") and mode not in variants:
+            sys.exit(f"--modes: unknown mode {mode!r} (define it with --variant {mode}=MODE,...)")
     small = [f"model.d_model={args.d_model}", f"model.d_ff={2 * args.d_model}", "model.enc_layers=1",
              "model.n_heads=2", f"train.epochs={args.epochs}"]
     per_target = {
@@ -130,50 +184,64 @@ def main() -> None:
                  "train.loss_weighting=average"],
         "sim": [f"data.path={paths['sim']}", "data.services=[call,sms,net]", "model.name=sim-mstnet"],
     }
-    rows = []
+    rows, jobs = [], []
     t_all = time.perf_counter()
     for target in targets:
-        base = PROTOCOL + per_target[target]
+        base = PROTOCOL + per_target[target] + args.common
         naive = run_one(out / "runs" / target / "seasonal-naive-day",
-                        [*base, "model.name=seasonal-naive-day", "train.loss_weighting=average"])
+                        [*base, "model.name=seasonal-naive-day", "train.loss_weighting=average",
+                         "train.device=cpu"])
         for d in days:
-            rows.append({"target": target, "days": d, "mode": "seasonal-naive", "seed": "-",
+            rows.append({"target": target, "days": d, "mode": "seasonal-naive", "kind": "naive", "seed": "-",
                          "test_mae": naive["test"]["overall"]["mae"], "test_rmse": naive["test"]["overall"]["rmse"],
-                         "sec_epoch": None, "note": ""})
+                         "sec_epoch": None, "note": "", "seconds": None})
         for d in days:
             for mode in modes:
                 for seed in range(args.seeds):
-                    folder = out / "runs" / target / f"d{d}" / f"{mode}-s{seed}"
-                    real_mode, variant = VARIANTS.get(mode, (mode, []))
-                    over = [*base, *small, f"data.train_days={d}", f"train.seed={seed}",
-                            f"sim2real.mode={real_mode}", *variant]
+                    real_mode, variant = variants.get(mode, (mode, []))
+                    over = [*base, *small, f"train.device={args.device}", f"data.train_days={d}",
+                            f"train.seed={seed}", f"sim2real.mode={real_mode}", *variant]
                     note = ""
-                    if mode != "off":
+                    if real_mode != "off":
                         over += [f"sim2real.sim_data={paths['sources']}", f"sim2real.max_sim_windows={args.max_sim}",
                                  *args.extra]
                         if d * 24 < 24 + 6:
                             over.append("sim2real.upper_data=val")
                             note = "real windows from val"
-                    t0 = time.perf_counter()
-                    try:
-                        m = run_one(folder, over)
-                    except Exception as exc:  # noqa: BLE001 - a UserError is a table entry (e.g. D=1, off)
-                        from simmstnet.errors import UserError
+                    jobs.append({"target": target, "days": d, "mode": mode, "kind": real_mode, "seed": seed,
+                                 "over": over,
+                                 "folder": str(out / "runs" / target / f"d{d}" / f"{mode}-s{seed}"),
+                                 "note": note, "collect_only": args.collect_only, "threads": 1 if args.jobs > 1 else torch_threads(),
+                                 # bilevel's warm-start epoch costs what mix does
+                                 "skip": 1 if real_mode == "bilevel" else 0})
 
-                        if not isinstance(exc, UserError):
-                            raise
-                        print(f"{target} D={d} {mode} seed {seed}: n/a ({exc})", file=sys.stderr)
-                        rows.append({"target": target, "days": d, "mode": mode, "seed": seed, "test_mae": None,
-                                     "test_rmse": None, "sec_epoch": None, "note": "n/a: " + str(exc)[:80]})
-                        continue
-                    skip = 1 if real_mode == "bilevel" else 0  # bilevel's warm-start epoch costs what mix does
-                    rows.append({"target": target, "days": d, "mode": mode, "seed": seed,
-                                 "test_mae": m["test"]["overall"]["mae"], "test_rmse": m["test"]["overall"]["rmse"],
-                                 "sec_epoch": epoch_seconds(folder, skip), "note": note})
-                    print(f"{target} D={d} {mode:8s} seed {seed}: test MAE {rows[-1]['test_mae']:.4g} "
-                          f"RMSE {rows[-1]['test_rmse']:.4g} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    def report(r):
+        mae = "n/a" if r["test_mae"] is None else f"{r['test_mae']:.4g}"
+        rmse = "n/a" if r["test_rmse"] is None else f"{r['test_rmse']:.4g}"
+        print(f"{r['target']} D={r['days']} {r['mode']:10s} seed {r['seed']}: test MAE {mae} RMSE {rmse} "
+              f"({r['seconds']:.0f}s) {r['note']}", file=sys.stderr, flush=True)
+
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: a forked child cannot use CUDA once the parent has touched it
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for r in pool.map(_job, jobs):
+                report(r)
+                rows.append(r)
+    else:
+        for job in jobs:
+            rows.append(_job(job))
+            report(rows[-1])
     write_outputs(out, rows, targets, days, ["seasonal-naive", *modes], args)
     print(f"total {time.perf_counter() - t_all:.0f}s", file=sys.stderr)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _ms(vals) -> str:
@@ -190,7 +258,7 @@ def write_outputs(out: Path, rows: list[dict], targets, days, modes, args) -> No
         w.writerows(rows)
     lines = [f"Test MAE / RMSE (original units), mean ± std over {args.seeds} seeds; hourly, input 24, "
              f"horizon 6, split 0.6/0.1/0.3; {args.epochs} epochs, d_model {args.d_model}, "
-             f"at most {args.max_sim} simulated windows from {args.scenarios} milano-like "
+             f"at most {args.max_sim} simulated windows from {args.scenarios} {args.source_preset} "
              f"{args.rows}x{args.cols} scenarios.", "",
              "| target | D | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
     table_rows = []
@@ -210,16 +278,15 @@ def write_outputs(out: Path, rows: list[dict], targets, days, modes, args) -> No
                                    "rmse_std": _std([r["test_rmse"] for r in sel])})
             lines.append(f"| {t} | {d} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    cost = ["", "| target | D | mix s/epoch | bilevel s/epoch (after warm start) | ratio | l2rw s/epoch |",
+    cost = ["", "| target | D | mix s/epoch | bilevel s/epoch (after warm start, all variants) | ratio | l2rw s/epoch |",
             "|---|---|---|---|---|---|"]
     for t in targets:
         for d in days:
-            def sec(mode):
+            def sec(kind):  # mean over every run of that mode (variants included)
                 vals = [r["sec_epoch"] for r in rows if r["target"] == t and r["days"] == d
-                        and r["mode"] == mode and r["sec_epoch"] is not None]
+                        and r["kind"] == kind and r["sec_epoch"] is not None]
                 return float(np.mean(vals)) if vals else None
-            mix, l2 = sec("mix"), sec("l2rw")
-            bl = sec("bilevel") if sec("bilevel") is not None else sec("bilevel-lc")
+            mix, l2, bl = sec("mix"), sec("l2rw"), sec("bilevel")
             ratio = f"{bl / mix:.2f}x" if mix and bl else "n/a"
             cost.append(f"| {t} | {d} | {_f(mix)} | {_f(bl)} | {ratio} | {_f(l2)} |")
     cost_text = "\n".join(cost) + "\n"

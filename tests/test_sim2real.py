@@ -393,3 +393,33 @@ def test_weights_report_per_scenario_and_files(tmp_path):
     with np.load(paths["weights"]) as z:
         assert z["weights"].shape == (6,) and z["scenario_ids"].tolist() == sid.tolist()
     assert not list(tmp_path.glob(".*.tmp*"))  # atomic writes left nothing behind
+
+
+# -- CUDA: fused attention kernels have no double backward ----------------------------------------
+def test_second_order_attention_selects_the_math_kernel_on_cuda(monkeypatch):
+    """l2rw / bilevel steps run under second_order_attention(device): on CUDA it must pick the
+    math SDPA kernel (the efficient kernel raised 'derivative for
+    aten::_scaled_dot_product_efficient_attention_backward is not implemented' on an H100),
+    on CPU it must change nothing."""
+    import contextlib
+
+    import simmstnet.train.sim2real as s2r
+
+    assert isinstance(s2r.second_order_attention(torch.device("cpu")), contextlib.nullcontext)
+    with s2r.second_order_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+
+    # and the steps of both second-order modes go through it, with the reweighter's device
+    seen = []
+    real_ctx = s2r.second_order_attention
+    monkeypatch.setattr(s2r, "second_order_attention", lambda dev: seen.append(str(dev)) or real_ctx(dev))
+    sim, _, real, _ = toy_data(0, n_sim=20, n_real=6)
+    for mode in ("l2rw", "bilevel"):
+        torch.manual_seed(0)
+        rw = make_reweighter(Sim2RealConfig(mode=mode, warm_start_epochs=0, t1=50), Linear(5), 20, sq_loss,
+                             steps_per_epoch=1, total_steps=10)
+        rw.step(sim, real)
+    assert seen == ["cpu", "cpu"]

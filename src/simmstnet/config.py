@@ -115,7 +115,8 @@ _S2R_HELP = {
     "k_steps": "K: lower-level gradient steps unrolled per iteration (cost grows ~linearly in K)",
     "inner_lr": "eta: step size of the unrolled lower-level steps (also l2rw's virtual step)",
     "eps": "constraint level h <= eps (null = calibrate at the end of the warm start)",
-    "eps_factor": "calibrated eps = eps_factor x mean h over the last warm-start steps",
+    "eps_factor": "calibrated eps = eps_factor x mean h over the last warm-start steps (below ~1 the "
+                  "minibatch noise of h keeps the constraint violated and its dual grows without end)",
     "eps_calib_steps": "warm-start steps (the last ones) whose h calibrates eps",
     "k_pre": "phase 1: drop inactive planes and maybe add one every k_pre iterations",
     "p_max": "most cutting planes kept (memory: p_max copies of the model parameters)",
@@ -132,8 +133,8 @@ _S2R_HELP = {
     "normalize_weights": "lower level = weighted mean loss sum(w l)/sum(w) instead of (1/N) sum(w l)",
     "normalize_planes": "divide each plane by ||(a, b)||: the same half-space with scale-free duals",
     "real_batch_size": "real windows per step for G and the real loss term (null = train.batch_size)",
-    "lower_coef": "bilevel: theta also descends lower_coef x the weighted simulated loss (0 = the "
-                  "reconstruction, where sim data reach theta only through phi_K and the constraint)",
+    "lower_coef": "bilevel: theta also descends lower_coef x the weighted simulated loss (default 1; 0 = "
+                  "the reconstruction, where sim data reach theta only through phi_K and the constraint)",
 }
 _S2R_CHOICES = {"upper": ("unrolled", "theta"), "live_phase2": ("dual", "penalty")}
 

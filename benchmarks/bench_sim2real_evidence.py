@@ -44,7 +44,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT.parent / "shared" / "data" / "telecom-italia" / "milano-internet-r41-45-c41-45-10min-2013-11-01-to-21.csv"
-MODES = ("off", "mix", "l2rw", "bilevel", "bilevel-scen", "bilevel-paper")
+from simmstnet.train.sim2real import MODES as BASE_MODES  # off, mix, l2rw, bilevel
+
+DEFAULT_MODES = (*BASE_MODES, "bilevel-scen", "bilevel-paper")
 # bilevel: the defaults (lower_coef 1, eps_factor 2; see the sim2real module docstring, points 5-6);
 # bilevel-scen: one weight per simulated city instead of per window;
 # bilevel-paper: the literal reconstruction of ARCHITECTURE.md (theta sees the simulated data only
@@ -112,16 +114,19 @@ def parse_variant(text: str) -> tuple[str, tuple[str, list[str]]]:
     """``NAME=MODE[,KEY=VALUE...]`` -> (NAME, (MODE, [sim2real overrides]))."""
     name, sep, rest = text.partition("=")
     parts = rest.split(",") if sep else []
-    if not name or not parts or parts[0] not in ("off", "mix", "l2rw", "bilevel"):
+    if not name or not parts or parts[0] not in BASE_MODES:
         sys.exit(f"--variant {text!r}: expected NAME=MODE[,KEY=VALUE...] with MODE off|mix|l2rw|bilevel")
     return name, (parts[0], parts[1:])
 
 
 def _job(job: dict) -> dict:
     """One training run (in a worker process when --jobs > 1)."""
-    import torch
+    from simmstnet.errors import UserError
 
-    torch.set_num_threads(job["threads"])
+    if job["worker"]:  # one thread per worker process: --jobs N uses N cores
+        import torch
+
+        torch.set_num_threads(1)
     t0 = time.perf_counter()
     row = {k: job[k] for k in ("target", "days", "mode", "kind", "seed")}
     if job["collect_only"] and not (Path(job["folder"]) / "metrics.json").exists():
@@ -129,11 +134,7 @@ def _job(job: dict) -> dict:
                 "seconds": 0.0}
     try:
         m = run_one(Path(job["folder"]), job["over"])
-    except Exception as exc:  # noqa: BLE001 - a UserError is a table entry (e.g. D=1, off)
-        from simmstnet.errors import UserError
-
-        if not isinstance(exc, UserError):
-            raise
+    except UserError as exc:  # a table entry (e.g. D=1, off)
         return {**row, "test_mae": None, "test_rmse": None, "sec_epoch": None,
                 "note": "n/a: " + str(exc)[:80], "seconds": time.perf_counter() - t0}
     return {**row, "test_mae": m["test"]["overall"]["mae"], "test_rmse": m["test"]["overall"]["rmse"],
@@ -146,7 +147,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--days", default="1,3,7")
     ap.add_argument("--targets", default="real,sim")
-    ap.add_argument("--modes", default=",".join(MODES),
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help="comma-separated: off, mix, l2rw, bilevel and the names of --variant")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MODE[,KEY=VALUE...]",
                     help="a named mode with extra overrides, e.g. bl-scen=bilevel,sim2real.weight_by=scenario")
@@ -175,7 +176,7 @@ def main() -> None:
     variants = dict(VARIANTS)
     variants.update(parse_variant(v) for v in args.variant)
     for mode in modes:
-        if mode not in ("off", "mix", "l2rw", "bilevel") and mode not in variants:
+        if mode not in BASE_MODES and mode not in variants:
             sys.exit(f"--modes: unknown mode {mode!r} (define it with --variant {mode}=MODE,...)")
     small = [f"model.d_model={args.d_model}", f"model.d_ff={2 * args.d_model}", "model.enc_layers=1",
              "model.n_heads=2", f"train.epochs={args.epochs}"]
@@ -211,7 +212,7 @@ def main() -> None:
                     jobs.append({"target": target, "days": d, "mode": mode, "kind": real_mode, "seed": seed,
                                  "over": over,
                                  "folder": str(out / "runs" / target / f"d{d}" / f"{mode}-s{seed}"),
-                                 "note": note, "collect_only": args.collect_only, "threads": 1 if args.jobs > 1 else torch_threads(),
+                                 "note": note, "collect_only": args.collect_only, "worker": args.jobs > 1,
                                  # bilevel's warm-start epoch costs what mix does
                                  "skip": 1 if real_mode == "bilevel" else 0})
 
@@ -236,12 +237,6 @@ def main() -> None:
             report(rows[-1])
     write_outputs(out, rows, targets, days, ["seasonal-naive", *modes], args)
     print(f"total {time.perf_counter() - t_all:.0f}s", file=sys.stderr)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _ms(vals) -> str:

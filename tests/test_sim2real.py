@@ -412,14 +412,16 @@ def test_second_order_attention_selects_the_math_kernel_on_cuda(monkeypatch):
         assert torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
 
-    # and the steps of both second-order modes go through it, with the reweighter's device
+    # every model forward of the second-order modes goes through it, with the reweighter's
+    # device; the first-order modes keep the fused kernels
     seen = []
     real_ctx = s2r.second_order_attention
     monkeypatch.setattr(s2r, "second_order_attention", lambda dev: seen.append(str(dev)) or real_ctx(dev))
     sim, _, real, _ = toy_data(0, n_sim=20, n_real=6)
-    for mode in ("l2rw", "bilevel"):
+    for mode, forwards in (("mix", 0), ("off", 0), ("l2rw", 3), ("bilevel", 2)):
         torch.manual_seed(0)
         rw = make_reweighter(Sim2RealConfig(mode=mode, warm_start_epochs=0, t1=50), Linear(5), 20, sq_loss,
                              steps_per_epoch=1, total_steps=10)
+        seen.clear()
         rw.step(sim, real)
-    assert seen == ["cpu", "cpu"]
+        assert seen == ["cpu"] * forwards, (mode, seen)

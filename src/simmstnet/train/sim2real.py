@@ -107,7 +107,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
@@ -227,22 +226,13 @@ def second_order_attention(device: torch.device):
     l2rw and bilevel differentiate through gradients (double backward); the fused CUDA attention
     kernels (flash, memory-efficient) have no double backward ("derivative for
     aten::_scaled_dot_product_efficient_attention_backward is not implemented", seen on an H100).
+    The kernel is chosen in the forward pass, so the context only needs to cover the forward.
     On CPU nothing changes."""
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext()
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     return sdpa_kernel(SDPBackend.MATH)
-
-
-def _with_second_order_attention(step):
-    @functools.wraps(step)
-    def wrapped(self, *args, **kwargs):
-        with second_order_attention(self.device):
-            return step(self, *args, **kwargs)
-    return wrapped
 
 
 class Reweighter:
@@ -253,6 +243,7 @@ class Reweighter:
     """
 
     mode = "base"
+    second_order = False  # differentiates through gradients: forwards avoid fused attention kernels
 
     def __init__(self, model: nn.Module, n_sim: int, cfg: Sim2RealConfig, sample_loss: SampleLoss,
                  device=None, steps_per_epoch: Optional[int] = None,
@@ -281,7 +272,11 @@ class Reweighter:
 
     def _losses(self, params, batch) -> torch.Tensor:
         """(B,) per-window losses of ``batch`` under ``params``."""
-        pred = functional_call(self.model, params, (batch,))
+        if self.second_order:
+            with second_order_attention(self.device):
+                pred = functional_call(self.model, params, (batch,))
+        else:
+            pred = functional_call(self.model, params, (batch,))
         out = self.sample_loss(pred, batch)
         if out.ndim != 1:
             raise ValueError(f"sample_loss must return shape (B,), got {tuple(out.shape)}")
@@ -370,13 +365,13 @@ class L2RWReweighter(Reweighter):
     """
 
     mode = "l2rw"
+    second_order = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.w_sum = torch.zeros(self.n_sim, dtype=torch.float64)
         self.w_count = torch.zeros(self.n_sim, dtype=torch.float64)
 
-    @_with_second_order_attention
     def step(self, sim_batch, real_batch) -> dict:
         if sim_batch is None or real_batch is None:
             raise ValueError("l2rw: step needs a simulated and a real batch")
@@ -429,6 +424,7 @@ class BilevelReweighter(Reweighter):
     """
 
     mode = "bilevel"
+    second_order = True
 
     def __init__(self, model, n_sim, cfg, sample_loss, device=None, steps_per_epoch=None,
                  total_steps=None):
@@ -517,7 +513,6 @@ class BilevelReweighter(Reweighter):
         _, h = self.unroll(params, lam, sim_batch, create_graph=False)
         return float(h)
 
-    @_with_second_order_attention
     def linearize(self, sim_batch: dict, eps: float = 0.0):
         """The raw plane of ``h - eps`` at the current point (eq. 6-7), unnormalized.
 
@@ -537,7 +532,6 @@ class BilevelReweighter(Reweighter):
         return a, b, c, float(h.detach())
 
     # -- one iteration --------------------------------------------------------------------
-    @_with_second_order_attention
     def step(self, sim_batch, real_batch) -> dict:
         if sim_batch is None:
             raise ValueError("bilevel: step needs a simulated batch")

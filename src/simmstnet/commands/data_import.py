@@ -51,12 +51,14 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from simmstnet.data.importers import import_long_csv, import_wide_csv
+    from simmstnet.utils import check_output_file
 
     out = Path(args.out)
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: a TrafficGrid file must end in .npz")
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder")
+    check_output_file(out)
     if len(args.delimiter) != 1:
         raise UserError(f"--delimiter {args.delimiter!r}: give one character")
     meta = {k: v for k, v in (("source", args.source), ("license", args.license)) if v}

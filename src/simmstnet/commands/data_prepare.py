@@ -44,6 +44,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from simmstnet.data.telecom_italia import read_telecom_italia
+    from simmstnet.utils import check_output_file
 
     out = Path(args.out)
     # Check the output name before hours of parsing, not after.
@@ -51,6 +52,7 @@ def run(args) -> int:
         raise UserError(f"--out {out}: a TrafficGrid file must end in .npz")
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out}: is a folder")
+    check_output_file(out)
     raw = Path(args.raw)
     if not raw.exists():
         raise UserError(f"--raw {raw}: no such folder")

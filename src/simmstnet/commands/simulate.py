@@ -68,8 +68,15 @@ def _parse_crop(text: str):
 
 def run_simulate(args) -> int:
     from simmstnet.sim.simulator import simulate_to_path
-    from simmstnet.utils import parse_step
+    from simmstnet.utils import check_output_file, check_output_folder, parse_step
 
+    if args.seed < 0:  # numpy's SeedSequence takes non-negative integers only
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    # Where the result goes is checked before minutes of simulation, not after.
+    if args.scenarios == 1:
+        check_output_file(args.out)
+    else:
+        check_output_folder(args.out, "--out")
     out = simulate_to_path(args.out, preset=args.preset, rows=args.rows, cols=args.cols, days=args.days,
                            step=parse_step(args.step), scenarios=args.scenarios, seed=args.seed,
                            config=args.config, start=args.start, workers=args.workers, shift=args.shift,

@@ -59,6 +59,9 @@ ATTRIBUTION = ("Telecom Italia Big Data Challenge (Barlacchi et al., Scientific 
                "2015), Open Database License (ODbL)")
 
 _CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough for a smooth progress bar
+# Most bytes one file may take when neither the listing nor the server says how long it is (the
+# largest Telecom Italia file is ~0.5 GB): a server that never stops cannot fill the disk.
+_MAX_DOWNLOAD = 8 << 30
 _MAX_DELAY = 60.0  # cap on one backoff pause, so a long retry series never sleeps for minutes
 _HASHES = {"MD5": "md5", "SHA-1": "sha1", "SHA1": "sha1", "SHA-256": "sha256", "SHA256": "sha256",
            "SHA-512": "sha512", "SHA512": "sha512"}
@@ -226,10 +229,23 @@ def _with_retries(action: Callable[[], T], retries: int, backoff: float,
 # --------------------------------------------------------------------------- listing
 
 
+def _listing_int(value, doi: str, what: str) -> int:
+    """A non-negative integer of the listing (JSON number or digits), else UserError."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+            isinstance(value, str) and not value.strip().isdigit()) or int(value) < 0:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise UserError(f"dataset {doi}: {what} is {shown} in the server's answer, not a "
+                        "non-negative whole number")
+    return int(value)
+
+
 def _parse_file(entry: dict, doi: str) -> RemoteFile:
+    if not isinstance(entry, dict):
+        raise UserError(f"dataset {doi}: a file entry of the server's answer is not a JSON object")
     data = entry.get("dataFile") or {}
-    if "id" not in data:
+    if not isinstance(data, dict) or "id" not in data:
         raise UserError(f"dataset {doi}: file entry without dataFile.id in the server's answer")
+    file_id = _listing_int(data["id"], doi, "a dataFile.id")
     original = bool(data.get("tabularData") or data.get("originalFileFormat")
                     or data.get("originalFileName"))
     if original:
@@ -239,15 +255,17 @@ def _parse_file(entry: dict, doi: str) -> RemoteFile:
         name = entry.get("label") or data.get("filename")
         size = data.get("filesize")
     checksum = data.get("checksum") or {}
+    if not isinstance(checksum, dict):
+        checksum = {}
     ctype, cvalue = checksum.get("type"), checksum.get("value")
     if not cvalue and data.get("md5"):  # servers older than the "checksum" object
         ctype, cvalue = "MD5", data["md5"]
     # Never let a remote name escape the destination folder.
     safe = Path(str(name or "")).name
-    if not safe or safe in (".", ".."):
-        raise UserError(f"dataset {doi}: file {data['id']} has no usable name ({name!r})")
-    return RemoteFile(file_id=int(data["id"]), name=safe,
-                      size=int(size) if size is not None else None,
+    if not safe or safe in (".", "..") or any(ord(ch) < 32 or ord(ch) == 127 for ch in safe):
+        raise UserError(f"dataset {doi}: file {file_id} has no usable name ({name!r})")
+    return RemoteFile(file_id=file_id, name=safe,
+                      size=_listing_int(size, doi, f"the size of file {file_id}") if size is not None else None,
                       checksum_type=str(ctype).upper() if ctype else None,
                       checksum=str(cvalue).lower() if cvalue else None,
                       original=original, doi=doi)
@@ -333,6 +351,16 @@ def _can_verify(remote: RemoteFile) -> bool:
     return bool(remote.checksum and remote.checksum_type in _HASHES)
 
 
+def _require_verifiable(remote: RemoteFile) -> None:
+    """With verification on, a file whose checksum cannot be checked is an error, not a skip."""
+    if _can_verify(remote):
+        return
+    why = (f"checksum type {remote.checksum_type!r}, which cannot be checked (known: MD5, SHA-1, "
+           "SHA-256, SHA-512)" if remote.checksum else "no checksum")
+    raise UserError(f"{remote.name} (file id {remote.file_id}): the listing gives {why}; "
+                    "use --no-verify to accept it by size only")
+
+
 class _Manifest:
     """Records files already verified, keyed by name, so reruns need not hash them again."""
 
@@ -401,6 +429,14 @@ def _transfer(remote: RemoteFile, part: Path, server: str, timeout: float, progr
             mode, offset = "wb", 0  # 200: the server sends the whole file (ignores Range)
         length = resp.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
+        # Never write more than the file can be: its listed size, else what the server announces,
+        # else a fixed cap (a server that streams without end must not fill the disk).
+        if remote.size is not None:
+            limit, why = remote.size, "its listed size"
+        elif expected is not None:
+            limit, why = offset + expected, "the length the server announced"
+        else:
+            limit, why = _MAX_DOWNLOAD, "the limit for a file of unknown size"
         got = 0
         bar = tqdm(total=remote.size, initial=offset, desc=remote.name, unit="B", unit_scale=True,
                    unit_divisor=1024, file=sys.stderr, disable=not progress, leave=False)
@@ -414,6 +450,14 @@ def _transfer(remote: RemoteFile, part: Path, server: str, timeout: float, progr
                                             f"{_one_line(exc)}") from None
                     if not chunk:
                         break
+                    if offset + got + len(chunk) > limit:
+                        fh.close()
+                        part.unlink(missing_ok=True)
+                        msg = f"the server sent more than {limit} bytes ({why})"
+                        if remote.size is not None:
+                            raise _ChecksumMismatch(msg)  # damaged answer: retried from byte 0
+                        raise UserError(f"cannot download {remote.name} (file id {remote.file_id}): "
+                                        f"{msg}; stopped")
                     fh.write(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
@@ -438,6 +482,8 @@ def download_file(remote: RemoteFile, target: str | os.PathLike, server: str | N
     """
     server = resolve_server(server)
     target = Path(target)
+    if verify:
+        _require_verifiable(remote)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -510,6 +556,9 @@ def fetch_city(city: str, dest: str | os.PathLike | None = None, days: int | Non
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise UserError(f"two remote files would both be saved as {folder / clash[0]}")
+    if verify:  # before the first byte is fetched, not after hours of downloads
+        for remote in wanted:
+            _require_verifiable(remote)
     for remote in wanted:
         target = folder / remote.name
         status = download_file(remote, target, verify=verify, progress=progress, **common)

@@ -26,10 +26,16 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from simmstnet.errors import UserError
-from simmstnet.utils import atomic_path, format_step
+from simmstnet.utils import atomic_path, check_memory, format_bytes, format_step, time_range_problem
 
 SERVICES = ("call", "sms", "net")
 _NPZ_KEYS = ("values", "mask", "timestamps", "services", "meta")
+# What each array of a TrafficGrid file may hold: numpy dtype kinds, number of dimensions.
+_NPZ_KINDS = {"values": ("fiu", (4,), "numbers"), "mask": ("biu", (4,), "booleans"),
+              "timestamps": ("iu", (1,), "integer epoch seconds"), "services": ("U", (0, 1), "text"),
+              "meta": ("U", (0,), "JSON text")}
+_MAX_TEXT_BYTES = 64 << 20  # services and meta are small; a bigger header is forged
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclasses.dataclass(eq=False)
@@ -72,6 +78,10 @@ class TrafficGrid:
                             f"{v.shape[0]} time steps")
         if v.shape[0] == 0 or v.shape[1] == 0 or v.shape[2] == 0:
             raise UserError(f"{source}: empty grid (shape {v.shape})")
+        for i in (int(np.argmin(t)), int(np.argmax(t))):  # before np.diff, which could overflow
+            problem = time_range_problem(int(t[i]))
+            if problem:
+                raise UserError(f"{source}: timestamp {i} ({int(t[i])}) {problem}")
         if len(self.services) != v.shape[3]:
             raise UserError(f"{source}: {len(self.services)} service names for {v.shape[3]} channels")
         unknown = [s for s in self.services if s not in SERVICES]
@@ -210,19 +220,28 @@ class TrafficGrid:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrafficGrid":
+        """Read a TrafficGrid ``.npz``; UserError naming the file for anything it cannot be.
+
+        Every array's ``.npy`` header is read and checked first (dtype, dimensions, that the data
+        the header declares is really in the file, and the memory the grid needs against
+        :func:`simmstnet.utils.memory_budget`), so a forged or oversized file is refused before
+        anything is decompressed. Pickled objects are never loaded.
+        """
         path = Path(path)
         if not path.exists():
             raise UserError(f"{path}: no such file")
         if path.is_dir():
             raise UserError(f"{path}: is a folder, expected a TrafficGrid .npz file")
+        headers = _npz_headers(path)
         try:
             with np.load(path, allow_pickle=False) as z:
-                missing = [k for k in _NPZ_KEYS if k not in z.files]
-                if missing:
-                    raise UserError(f"{path}: not a TrafficGrid file (missing arrays: {', '.join(missing)})")
                 arrays = {k: z[k] for k in _NPZ_KEYS}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise UserError(f"{path}: cannot read as .npz ({exc})") from None
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+            raise UserError(f"{path}: cannot read as .npz ({_first_line(exc)})") from None
+        for k, (shape, _dtype) in headers.items():  # the zip directory and the data must agree
+            if arrays[k].shape != shape:
+                raise UserError(f"{path}: array {k!r} read with shape {arrays[k].shape}, its header "
+                                f"says {shape}")
         try:
             meta = json.loads(str(arrays["meta"]))
         except json.JSONDecodeError as exc:
@@ -241,6 +260,88 @@ class TrafficGrid:
         T, H, W, C = self.shape
         return (f"TrafficGrid(T={T}, H={H}, W={W}, services={list(self.services)}, "
                 f"step={format_step(self.step)}, missing={self.missing_share():.1%})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        shape, _fortran, dtype = fmt.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _fortran, dtype = fmt.read_array_header_2_0(fh)
+    else:
+        shape, _fortran, dtype = fmt._read_array_header(fh, version)  # 3.0: utf-8 field names
+    return tuple(int(n) for n in shape), np.dtype(dtype)
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every TrafficGrid array, read from the ``.npy`` headers only, checked
+    against what a TrafficGrid may hold and against the memory budget (see TrafficGrid.load)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not zipfile.is_zipfile(path):
+        if head == _NPY_MAGIC:
+            raise UserError(f"{path}: is a plain .npy array, not a TrafficGrid .npz (a zip of the "
+                            f"arrays {', '.join(_NPZ_KEYS)})")
+        raise UserError(f"{path}: not a .npz file (not a zip archive)")
+    headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {info.filename: info for info in zf.infolist()}
+            missing = [k for k in _NPZ_KEYS if f"{k}.npy" not in members]
+            if missing:
+                raise UserError(f"{path}: not a TrafficGrid file (missing arrays: {', '.join(missing)})")
+            for key in _NPZ_KEYS:
+                info = members[f"{key}.npy"]
+                with zf.open(info) as fh:
+                    try:
+                        shape, dtype = _read_npy_header(fh)
+                    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
+                        raise UserError(f"{path}: array {key!r} has no valid .npy header "
+                                        f"({_first_line(exc)})") from None
+                    header_len = fh.tell()
+                kinds, ndims, meaning = _NPZ_KINDS[key]
+                if dtype.hasobject:
+                    raise UserError(f"{path}: array {key!r} holds Python objects (pickled); a "
+                                    "TrafficGrid file holds only plain arrays")
+                if dtype.kind not in kinds or dtype.fields is not None or dtype.subdtype is not None:
+                    shown = dtype.str if str(dtype) == dtype.str else f"{dtype.str} ({dtype})"
+                    raise UserError(f"{path}: array {key!r} has dtype {shown}; expected {meaning}")
+                if len(shape) not in ndims:
+                    raise UserError(f"{path}: array {key!r} has shape {shape}; expected "
+                                    f"{' or '.join(f'{n}-D' for n in ndims)}")
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                stored = info.file_size - header_len
+                if declared != stored:
+                    raise UserError(f"{path}: array {key!r} declares shape {shape} "
+                                    f"({format_bytes(declared)}) but the file holds "
+                                    f"{format_bytes(max(stored, 0))} of data: damaged or forged")
+                if key in ("services", "meta") and declared > _MAX_TEXT_BYTES:
+                    raise UserError(f"{path}: array {key!r} is {format_bytes(declared)}; expected a short text")
+                headers[key] = (shape, dtype)
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"{path}: cannot read as .npz ({_first_line(exc)})") from None
+    (vshape, vdtype), (mshape, mdtype) = headers["values"], headers["mask"]
+    tshape = headers["timestamps"][0]
+    if mshape != vshape:
+        raise UserError(f"{path}: mask shape {mshape} differs from values shape {vshape}")
+    if tshape[0] != vshape[0]:
+        raise UserError(f"{path}: {tshape[0]} timestamps for {vshape[0]} time steps")
+    entries = int(np.prod(vshape, dtype=object))
+    # Loaded as read, then converted to float32 / bool (a copy unless already of that type).
+    need = entries * (vdtype.itemsize + mdtype.itemsize)
+    need += entries * 4 * (vdtype != np.float32) + entries * (mdtype != np.bool_)
+    need += tshape[0] * 8 * 2
+    check_memory(need, f"{path}: a grid of shape {vshape}")
+    return headers
 
 
 def _json_default(obj: Any) -> Any:

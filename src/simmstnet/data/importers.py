@@ -33,7 +33,7 @@ import pandas as pd
 
 from simmstnet.data.grid import SERVICES, TrafficGrid
 from simmstnet.errors import UserError
-from simmstnet.utils import format_step, parse_step
+from simmstnet.utils import check_epoch, check_memory, format_step, parse_step, time_range_problem
 
 # Text that means "no value here" (besides the empty field).
 _MISSING = ("nan", "NaN", "NAN", "NA", "na", "null", "NULL")
@@ -81,7 +81,10 @@ def _local_to_epoch(when: dt.datetime, tz: str, what: str) -> int:
                             "forward); give a UTC offset or epoch seconds")
         raise UserError(f"{what}: {when:%Y-%m-%d %H:%M} is ambiguous in {tz} (clocks go back); "
                         "give a UTC offset or epoch seconds")
-    return int(first.timestamp())
+    try:
+        return int(first.timestamp())
+    except (OverflowError, ValueError):
+        raise UserError(f"{what}: {when.isoformat()} is out of range") from None
 
 
 def _parse_iso(text: str) -> dt.datetime | None:
@@ -97,17 +100,24 @@ def _parse_iso(text: str) -> dt.datetime | None:
 def parse_start(start: str | int, tz: str | None, what: str = "--start") -> int:
     """A start time -> epoch seconds: int epoch, ISO with offset, or naive local time of ``tz``."""
     if isinstance(start, (int, np.integer)) and not isinstance(start, bool):
-        return int(start)
+        return check_epoch(int(start), f"{what} {int(start)}")
     text = str(start)
     if re.fullmatch(r"\s*\d{9,}\s*", text):
-        return int(text)
+        return check_epoch(int(text), f"{what} {text.strip()}")
     when = _parse_iso(text)
     if when is None:
         raise UserError(f"{what} {text!r}: use 'YYYY-MM-DD HH:MM' (local time of --tz), ISO 8601 "
                         "with a UTC offset, or epoch seconds")
     if when.tzinfo is not None:
+        return check_epoch(_aware_epoch(when, f"{what} {text!r}"), f"{what} {text!r}")
+    return check_epoch(_local_to_epoch(when, tz or "UTC", f"{what} {text!r}"), f"{what} {text!r}")
+
+
+def _aware_epoch(when: dt.datetime, what: str) -> int:
+    try:
         return int(when.timestamp())
-    return _local_to_epoch(when, tz or "UTC", f"{what} {text!r}")
+    except (OverflowError, ValueError):  # e.g. 9999-12-31T23:59-01:00 is past year 9999 in UTC
+        raise UserError(f"{what}: time out of range") from None
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -207,6 +217,10 @@ def import_wide_csv(path: str | Path, grid: str | Sequence[int], service: str, s
         raise UserError(f"{path}: every field is empty or NaN: no observed value")
 
     T = table.shape[0]
+    problem = time_range_problem(t0 + (T - 1) * step_s)
+    if problem:
+        raise UserError(f"{path}:{first + T - 1}: the time of the last row (--start + {T - 1} x "
+                        f"--step {format_step(step_s)}) {problem}")
     info: dict[str, Any] = {"source": "csv", "source_file": path.name, "timezone": str(tz),
                             "step": format_step(step_s),
                             "import": {"layout": "wide", "grid": f"{H}x{W}", "service": service,
@@ -354,6 +368,9 @@ def import_long_csv(path: str | Path, tz: str | None = None, grid: str | Sequenc
     if T * H * W * C > _MAX_ENTRIES:
         raise UserError(f"{path}: the result would be a {T}x{H}x{W}x{C} grid ({T * H * W * C:,} entries); "
                         "check the timestamps, rows and cols")
+    # values float32 + mask bool, and the same again while TrafficGrid checks and saves them
+    check_memory(T * H * W * C * 5 * 2, f"{path}: the {T}x{H}x{W}x{C} grid "
+                 f"({_show(uniq[0], tz)} to {_show(uniq[-1], tz)} every {format_step(step_s)})")
 
     key = ((t_index * H + rows) * W + cols) * C + s_index
 
@@ -407,24 +424,28 @@ def _timestamp_column(path: Path, raw: np.ndarray, tz: str | None, line_of) -> n
     """Timestamps -> int64 epoch seconds. Parses each distinct string once."""
     uniq, inverse = np.unique(np.char.strip(raw.astype(str)), return_inverse=True)
     epochs = np.empty(uniq.shape[0], dtype=np.int64)
+    first_row = lambda j: int(np.argmax(inverse == j))  # noqa: E731 - first data row of value j
     for j, text in enumerate(uniq.tolist()):
         if re.fullmatch(r"-?\d+", text):   # epoch seconds
-            epochs[j] = int(text)
-            continue
-        when = _parse_iso(text)
-        if when is None:
-            i = int(np.argmax(inverse == j))
-            raise UserError(f"{path}:{line_of(i)}: timestamp {str(text)!r} is not ISO 8601 "
-                            "(e.g. 2013-11-01T00:00+01:00) or epoch seconds")
-        if when.tzinfo is not None:
-            epochs[j] = int(when.timestamp())
-        elif tz is None:
-            i = int(np.argmax(inverse == j))
-            raise UserError(f"{path}:{line_of(i)}: timestamp {str(text)!r} has no UTC offset; give the time "
-                            "zone of the file (--tz)")
+            epoch = int(text)
         else:
-            i = int(np.argmax(inverse == j))
-            epochs[j] = _local_to_epoch(when, tz, f"{path}:{line_of(i)}: timestamp")
+            when = _parse_iso(text)
+            if when is None:
+                raise UserError(f"{path}:{line_of(first_row(j))}: timestamp {str(text)!r} is not ISO 8601 "
+                                "(e.g. 2013-11-01T00:00+01:00) or epoch seconds")
+            if when.tzinfo is not None:
+                epoch = _aware_epoch(when, f"{path}:{line_of(first_row(j))}: timestamp {str(text)!r}")
+            elif tz is None:
+                raise UserError(f"{path}:{line_of(first_row(j))}: timestamp {str(text)!r} has no UTC offset; "
+                                "give the time zone of the file (--tz)")
+            else:
+                epoch = _local_to_epoch(when, tz, f"{path}:{line_of(first_row(j))}: timestamp")
+        # Before anything is sized from it: one row in epoch ms or in year 2999 would make an
+        # absurdly long, almost empty grid.
+        problem = time_range_problem(epoch)
+        if problem:
+            raise UserError(f"{path}:{line_of(first_row(j))}: timestamp {str(text)!r} {problem}")
+        epochs[j] = epoch
     return epochs[inverse]
 
 

@@ -30,11 +30,15 @@ from simmstnet.sim import measurement as ms
 from simmstnet.sim.geometry import build_city, place_sites
 from simmstnet.sim.radio import build_radio
 from simmstnet.sim.randomization import ParamSpace, build_space, sample_params, space_to_yaml
-from simmstnet.utils import atomic_path, format_step, parse_step
+from simmstnet.utils import atomic_path, check_epoch, check_memory, format_bytes, format_step, parse_step
 
 INDEX_NAME = "index.json"
 TIMEZONE = "Europe/Rome"
 MAX_CELLS = 1_000_000
+# Peak memory of one scenario per (time step x square), beyond its output (values float32 and
+# mask bool per service): demand, carried traffic, noise and mask temporaries. Measured at
+# ~50 bytes per step x square for three services (rows 100-200, 10-20 days), output included.
+_WORK_BYTES = 40
 
 
 def parse_start(start: str | int, timezone: str = TIMEZONE) -> int:
@@ -55,8 +59,8 @@ def _check_shape(rows: int, cols: int, days: float, step: int, services: Sequenc
             raise UserError(f"--{name} must be a positive whole number, got {v}")
     if rows * cols > MAX_CELLS:
         raise UserError(f"--rows x --cols = {rows * cols} squares is more than {MAX_CELLS}")
-    if not days > 0:
-        raise UserError(f"--days must be positive, got {days}")
+    if not 0 < days < float("inf"):
+        raise UserError(f"--days must be a positive finite number, got {days}")
     if 86400 % step:
         raise UserError(f"--step {format_step(step)} does not divide a day")
     T = int(round(days * 86400 / step))
@@ -148,13 +152,33 @@ def _run_and_save(args: tuple[dict, str]) -> dict:
             "sim_params": grid.meta["sim_params"]}
 
 
-def _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services) -> list[dict]:
+def estimate_memory(rows: int, cols: int, T: int, n_services: int, scenarios: int = 1,
+                    workers: int = 1, keep: bool = False) -> tuple[int, int]:
+    """(peak bytes, output bytes of one scenario) of simulating ``scenarios`` cities with
+    ``workers`` processes; ``keep``: every result stays in memory (:func:`simulate`)."""
+    steps_cells = int(T) * int(rows) * int(cols)
+    output = steps_cells * n_services * 5
+    running = max(1, min(int(workers), int(scenarios)))
+    peak = running * (output + steps_cells * _WORK_BYTES)
+    if keep:
+        peak += (int(scenarios) - running) * output
+    return peak, output
+
+
+def _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services,
+          workers: int = 1, keep: bool = False) -> list[dict]:
     if int(scenarios) != scenarios or scenarios < 1:
         raise UserError(f"--scenarios must be a positive whole number, got {scenarios}")
     space = build_space(preset, config)
     step = parse_step(step)
-    _check_shape(rows, cols, days, step, services)
-    parse_start(start)
+    T = _check_shape(rows, cols, days, step, services)
+    t0 = check_epoch(parse_start(start), f"--start {start}")
+    check_epoch(t0 + (T - 1) * step, f"the last time step (--start {start} + --days {days:g})")
+    # Refuse before allocating: a grid too big for memory would die with a MemoryError (or be
+    # killed by the kernel) after minutes of work.
+    peak, output = estimate_memory(rows, cols, T, len(services), scenarios, workers, keep)
+    check_memory(peak, f"simulating {int(scenarios)} x {rows}x{cols} squares x {T} steps x "
+                 f"{len(services)} services (output {format_bytes(output)} per scenario)")
     if shift < 0:
         raise UserError(f"--shift must be >= 0, got {shift:g}")
     return [dict(space=space, rows=rows, cols=cols, days=days, step=step, seed=seed, index=i,
@@ -194,7 +218,8 @@ def simulate(preset: str = "milano-like", rows: int = 20, cols: int = 20, days: 
     preset; ``shift > 0`` draws parameters outside the ranges (a target city unlike the sources);
     ``workers`` processes run scenarios in parallel (results do not depend on it).
     """
-    jobs = _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services)
+    jobs = _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services,
+                 workers=workers, keep=True)
     return list(_map(_run_one, jobs, workers, progress))
 
 
@@ -207,7 +232,8 @@ def simulate_to_path(out: str | os.PathLike, preset: str = "milano-like", rows: 
     Each scenario is written as soon as it is done (memory stays at one scenario per worker).
     """
     out = Path(out)
-    jobs = _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services)
+    jobs = _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services,
+                 workers=workers)
     if len(jobs) == 1:
         if out.suffix != ".npz":
             raise UserError(f"--out {out}: one scenario is written as a .npz file")

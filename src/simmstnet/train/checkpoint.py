@@ -27,13 +27,24 @@ FORMAT = 1
 CONFIG_FILE = "config.yaml"
 LAST = "last.pt"
 BEST = "best.pt"
+# What load_run needs from best.pt.
+BEST_KEYS = ("model", "model_name", "model_options", "dims", "scaler", "services", "step")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        try:
+            torch.save({"format": FORMAT, **state}, tmp)
+        except RuntimeError as exc:
+            # torch's archive writer reports a failed write (disk full, ulimit -f) as a
+            # RuntimeError such as "[enforce fail at inline_container.cc:...] unexpected pos".
+            text = (str(exc).strip().splitlines() or [""])[0]
+            if "inline_container" not in text and "write" not in text.lower():
+                raise
+            raise UserError(f"{path}: cannot write the checkpoint (disk full or file-size limit? "
+                            f"{text})") from None
     return path
 
 
@@ -45,7 +56,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        text = str(exc).strip()
+        detail = f": {text.splitlines()[0]}" if text else ""  # an empty file gives an empty message
+        empty = " (empty file)" if path.stat().st_size == 0 else ""
+        raise UserError(f"{path}: cannot read checkpoint{empty} ({type(exc).__name__}{detail})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not a simmstnet checkpoint of format {FORMAT}")
     return state
@@ -107,10 +121,28 @@ def load_run(folder: str | Path, device: str | torch.device = "cpu") -> LoadedRu
         raise UserError(f"{folder}: the run has no {BEST} yet (still training, or killed before its "
                         "first epoch ended)")
     cfg = load_config(folder / CONFIG_FILE)
-    ckpt = load_checkpoint(folder / BEST, map_location="cpu")
-    dims = DataDims(**ckpt["dims"])
-    model = build_model(ckpt["model_name"], dims, **ckpt["model_options"])
-    model.load_state_dict(ckpt["model"])
+    path = folder / BEST
+    ckpt = load_checkpoint(path, map_location="cpu")
+    missing = [k for k in BEST_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a best-model checkpoint (no {', '.join(repr(k) for k in missing)})")
+    try:
+        dims = DataDims(**ckpt["dims"])
+        model = build_model(ckpt["model_name"], dims, **ckpt["model_options"])
+        scaler = Scaler.from_state_dict(ckpt["scaler"])
+        services, step = tuple(str(s) for s in ckpt["services"]), int(ckpt["step"])
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise UserError(f"{path}: damaged checkpoint ({type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0]})") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
+        # load_state_dict lists every mismatched key over many lines: show the first
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise UserError(f"{path}: the weights do not fit model {ckpt['model_name']!r} "
+                        f"({detail[:200]})") from None
     model.to(device).eval()
-    return LoadedRun(folder, cfg, model, Scaler.from_state_dict(ckpt["scaler"]),
-                     tuple(ckpt["services"]), int(ckpt["step"]), ckpt)
+    return LoadedRun(folder, cfg, model, scaler, services, step, ckpt)

@@ -195,6 +195,25 @@ def _verdict(results: dict) -> str:
             f"{others[best_other]:.4g} ({results[best_other][0]}).")
 
 
+def _interval_lines(metrics: dict, services: list[str]) -> list[str]:
+    """The report's intervals table: test coverage, width and scores per service (metrics.json)."""
+    iv = metrics.get("intervals")
+    if not iv:
+        return []
+    from simmstnet.eval.intervals import level_tag
+
+    tags = [level_tag(lv) for lv in iv["levels"]]
+    head = ("| service | " + " | ".join(f"coverage {t} % | width {t} %" for t in tags)
+            + " | Winkler " + tags[-1] + " % | CRPS |")
+    lines = ["", f"## Prediction intervals (bilevel run, {iv['method']} conformal, calibrated on validation)", "",
+             head, "|---" * (1 + 2 * len(tags) + 2) + "|"]
+    for s in services + ["overall"]:
+        v = iv["test"][s]
+        cells = [f"{100 * v[f'coverage_{t}']:.1f} % | {v[f'width_{t}']:.4g}" for t in tags]
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {v[f'winkler_{tags[-1]}']:.4g} | {v['crps']:.4g} |")
+    return lines
+
+
 def _write_report(cfg, out, grid, data_path, results, shown, best_naive, table, seconds) -> Path:
     from zoneinfo import ZoneInfo
     import datetime as dt
@@ -203,7 +222,8 @@ def _write_report(cfg, out, grid, data_path, results, shown, best_naive, table, 
     fig.mkdir(exist_ok=True)
     bilevel_dir = results["bilevel"][2]
     copied = []
-    for name in ["loss_curves.png", "sim2real_weights.png"] + [f"forecast_{s}.png" for s in grid.services]:
+    for name in (["loss_curves.png", "sim2real_weights.png"] + [f"forecast_{s}.png" for s in grid.services]
+                 + [f"{kind}_{s}.png" for kind in ("map", "forecast_cells") for s in grid.services]):
         src = bilevel_dir / name
         if src.is_file():
             shutil.copyfile(src, fig / f"bilevel_{name}")
@@ -245,8 +265,16 @@ def _write_report(cfg, out, grid, data_path, results, shown, best_naive, table, 
     s2r = results["bilevel"][1].get("sim2real")
     if s2r:
         lines += ["", "## Sim2real (bilevel) summary", "", "```", json.dumps(s2r, indent=2), "```"]
+    lines += _interval_lines(results["bilevel"][1], list(grid.services))
     lines += ["", "## Figures (bilevel run)", ""]
-    lines += [f"![{c}](figures/{c})" for c in copied]
+    lines += [f"![{c}](figures/{c})" for c in copied if "_map_" not in c and "_forecast_cells_" not in c]
+    maps = [c for c in copied if "_map_" in c or "_forecast_cells_" in c]
+    if maps:
+        lines += ["", "## Where the forecast fails (bilevel run, test span)", "",
+                  "Per cell: test MAE, MAE relative to the cell's mean, and coverage of the 80 % and 95 % "
+                  "intervals (`map_*`); the best, median and worst cell by relative MAE with their "
+                  "interval bands (`forecast_cells_*`).", ""]
+        lines += [f"![{c}](figures/{c})" for c in maps]
     lines += ["", f"Wall time: {seconds:.0f} s."]
     path = out / "report.md"
     with atomic_path(path) as tmp:

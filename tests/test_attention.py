@@ -107,3 +107,38 @@ def test_gradient_flows_through_prob_sparse_layer():
     assert x.grad is not None and x.grad.abs().sum() > 0
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _informer2020_arithmetic(q, k, v, sample, u):
+    """The Informer2020 code's _prob_QK / _get_initial_context for non-causal attention,
+    written out from its formulas: M = max(Q K_sample) - sum(Q K_sample) / L_K; the top-u
+    queries attend to every key, the others take the mean of V."""
+    b, h, l_q, d = q.shape
+    l_k = k.shape[-2]
+    k_sample = k[:, :, sample, :]                                   # (B, h, L_Q, n, D)
+    qk_sample = (q.unsqueeze(-2) @ k_sample.transpose(-2, -1)).squeeze(-2)  # (B, h, L_Q, n)
+    m = qk_sample.max(-1)[0] - qk_sample.sum(-1) / l_k
+    top = m.topk(u, sorted=False)[1]
+    out = v.mean(-2, keepdim=True).expand(b, h, l_q, d).clone()
+    scores = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)
+    full = scores @ v
+    for bi in range(b):
+        for hi in range(h):
+            out[bi, hi, top[bi, hi]] = full[bi, hi, top[bi, hi]]
+    return out
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_reference_measure_matches_the_informer2020_arithmetic(dense):
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 30, 8, dtype=torch.float64) for _ in range(3))
+    u, n_sample = prob_sparse_counts(30, 30, 2)
+    assert n_sample < 30  # otherwise the two measures coincide
+    sample = torch.randint(30, (30, n_sample), generator=torch.Generator().manual_seed(9))
+    expected = _informer2020_arithmetic(q, k, v, sample, u)
+    got = prob_sparse_attention(q, k, v, 2, torch.Generator().manual_seed(9), dense_sampling=dense,
+                                measure="reference")
+    assert torch.allclose(got, expected, atol=1e-10)
+    # the paper's reading (divide by the sample size) selects other queries here
+    paper = prob_sparse_attention(q, k, v, 2, torch.Generator().manual_seed(9), dense_sampling=dense)
+    assert not torch.allclose(paper, expected, atol=1e-6)

@@ -234,3 +234,21 @@ def test_one_epoch_through_the_trainer(name, grid, tmp_path):
     on_disk = json.loads((tmp_path / name / "metrics.json").read_text())
     assert on_disk == metrics and metrics["model"] == name
     assert metrics["test"]["net"]["mae"] > 0 and metrics["params"] > 0
+
+
+def test_dcrnn_curriculum_scales_to_the_run():
+    """cl_decay_steps=0 (default): the teacher probability crosses 0.5 at 40 % of the run, so a
+    short CPU run leaves teacher forcing (with the reference's fixed 2000 it would stay ~1)."""
+    m = model("dcrnn", dims(c=1))
+    total = 512
+    m.schedule_for(total)
+    tau = float(m.tau)
+    assert tau * math.log(tau) == pytest.approx(0.4 * total, rel=1e-3)
+    m.batches_seen.fill_(int(0.4 * total))
+    assert m.teacher_probability() == pytest.approx(0.5, abs=0.01)
+    m.batches_seen.fill_(total)
+    assert m.teacher_probability() < 0.05
+    fixed = model("dcrnn", dims(c=1), cl_decay_steps=2000)
+    fixed.schedule_for(total)  # an explicit tau is kept
+    fixed.batches_seen.fill_(total)
+    assert fixed.teacher_probability() > 0.99

@@ -41,16 +41,19 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def test_table_methods_follow_the_registry():
-    reg = [("last-value", True, ""), ("lstm", False, ""), ("stgcn", False, ""), ("stnet", False, ""),
-           ("sim-mstnet", True, ""), ("mttc", True, ""), ("cslsl", True, "")]
+    reg = [("last-value", True, ""), ("ridge", True, ""), ("lstm", False, ""), ("stgcn", False, ""),
+           ("stnet", False, ""), ("sim-mstnet", True, ""), ("mttc", True, ""), ("cslsl", True, "")]
     t1 = [m.key for m in B.table_methods("table1", reg)]
-    assert t1 == ["last-value", "lstm", "stgcn", "stnet", "stnet-sim2real"]
+    assert t1 == ["last-value", "ridge", "lstm", "stgcn", "stnet", "stnet-sim2real"]
     sim_row = B.table_methods("table1", reg)[-1]
     assert sim_row.needs_sim and "sim2real.mode=bilevel" in sim_row.overrides and sim_row.model == "stnet"
-    assert [m.key for m in B.table_methods("table2", reg)] == ["mttc", "cslsl", "sim-mstnet"]
+    # every table carries the simple references beside the learned models
+    assert [m.key for m in B.table_methods("table2", reg)] == ["last-value", "ridge", "mttc", "cslsl", "sim-mstnet"]
     t3 = B.table_methods("table3", reg)
-    assert [m.key for m in t3] == ["no-interaction", "no-spatial", "average-weighting", "full"]
-    assert t3[0].overrides == ["model.interaction=false"] and t3[2].overrides == ["train.loss_weighting=average"]
+    assert [m.key for m in t3] == ["last-value", "ridge", "no-interaction", "no-spatial", "average-weighting",
+                                   "fusion-shift", "no-highway", "global-norm", "full"]
+    assert t3[0].same_as == ("table2", "last-value") and t3[-1].same_as == ("table2", "sim-mstnet")
+    assert t3[2].overrides == ["model.interaction=false"] and t3[4].overrides == ["train.loss_weighting=average"]
     with pytest.raises(UserError, match="unknown table"):
         B.table_methods("table9", reg)
 

@@ -68,12 +68,19 @@ def test_inputs_matter():
     model = build_model("sim-mstnet", dims, **SMALL).eval()
     batch = fake_batch(dims, 4)
     base = model(batch)
-    for key in ("x", "x_patch", "x_mark", "dec_in", "y_mark"):
+    for key in ("x", "x_mark", "dec_in", "y_mark"):
         changed = dict(batch, **{key: batch[key] + 0.5})
         assert not torch.allclose(model(changed), base), key
+    # The patch is normalized per cell, so a constant shift of it is (by design) invisible; a
+    # change of one neighbour's shape is not (see test_a_neighbour_alone_moves_the_forecast).
+    changed = dict(batch, x_patch=batch["x_patch"].clone())
+    changed["x_patch"][:, -1] += 0.5
+    assert not torch.allclose(model(changed), base), "x_patch"
     # another service's input changes this service's forecast only through interaction
+    # (a change of shape: a level shift of one service is invisible to the others under the
+    # per-window normalization)
     changed = dict(batch, x=batch["x"].clone())
-    changed["x"][..., 2] += 1.0
+    changed["x"][:, -3:, 2] += 1.0
     assert not torch.allclose(model(changed)[..., 0], base[..., 0])
     isolated = build_model("sim-mstnet", dims, **SMALL, interaction=False).eval()
     assert torch.allclose(isolated(changed)[..., 0], isolated(batch)[..., 0])
@@ -126,9 +133,10 @@ def test_config_overrides_and_help():
     cfg = build_config("sim-mstnet", d_model=48, dropout=0)  # an int is accepted for a float
     assert cfg.d_model == 48 and isinstance(cfg.dropout, float)
     model = build_model("sim-mstnet", _dims(), d_model=48, n_heads=4)
-    assert isinstance(model, SimMSTNet) and model.config.d_model == 48
+    assert isinstance(model.model, SimMSTNet) and model.config.d_model == 48  # wrapped: norm=window
+    assert isinstance(build_model("sim-mstnet", _dims(), norm="none"), SimMSTNet)
     helps = config_help("sim-mstnet")
-    assert [row[0] for row in helps] == [f.name for f in dataclasses.fields(SimMSTNetConfig)]
+    assert [row[0] for row in helps] == ["norm"] + [f.name for f in dataclasses.fields(SimMSTNetConfig)]
     assert all(text for _, _, text in helps)
 
 
@@ -157,3 +165,92 @@ def test_every_baseline_module_is_registered_lazily():
     modules = {m.name for m in pkgutil.iter_modules(baselines.__path__) if not m.name.startswith("_")}
     registered = {get_model_entry(name).cls.__module__.rsplit(".", 1)[-1] for name, _, _ in list_models()}
     assert modules <= registered
+
+
+def _double(batch):
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def _edit_one_neighbour(batch, row=0, col=1):
+    """A copy of the batch whose patch cell (row, col) (not the centre) gets a spike at the
+    last two input steps of every service; the centre cell and x are untouched."""
+    edited = dict(batch, x_patch=batch["x_patch"].clone())
+    edited["x_patch"][:, -2:, :, row, col] += 3.0
+    return edited
+
+
+@pytest.mark.parametrize("norm", ["window", "none"])
+def test_a_neighbour_alone_moves_the_forecast(norm):
+    """The spatial branch reads the neighbours, not only the centre cell: editing one
+    non-centre cell of the patch (centre series unchanged) moves the forecast; without the
+    spatial branch it cannot."""
+    dims = _dims(3)
+    torch.manual_seed(0)
+    # float64: the effect of one neighbour at initialization is small, but far above rounding
+    model = build_model("sim-mstnet", dims, **SMALL, norm=norm).double().eval()
+    batch = _double(fake_batch(dims, 4))
+    edited = _edit_one_neighbour(batch)
+    assert torch.equal(edited["x"], batch["x"])
+    k = dims.patch
+    assert torch.equal(edited["x_patch"][..., k // 2, k // 2], batch["x_patch"][..., k // 2, k // 2])
+    moved = (model(edited) - model(batch)).abs().max()
+    assert moved > 1e-6
+    blind = build_model("sim-mstnet", dims, **SMALL, norm=norm, spatial=False).double().eval()
+    assert (blind(edited) - blind(batch)).abs().max() < 1e-12
+    control = build_model("sim-mstnet", dims, **SMALL, norm=norm, spatial_input="centre").double().eval()
+    assert (control(edited) - control(batch)).abs().max() < 1e-12
+
+
+def _cross_attention_weights(model, batch):
+    """Softmax weights of task 0's decoder cross-attention over the encoder steps only (the z
+    token, when present, left out), from the kernel's own q and k: (B, heads, S, T')."""
+    seen = {}
+    layer = model.model.tasks[0].decoder.layers[0].cross_attention
+    hook = layer.kernel.register_forward_hook(lambda mod, args, kwargs_out: seen.update(q=args[0], k=args[1]))
+    try:
+        model(batch)
+    finally:
+        hook.remove()
+    q, k = seen["q"], seen["k"]
+    scores = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+    return scores[..., -model.dims.input_len:]
+
+
+def test_fused_vector_changes_the_decoders_attention_weights():
+    """As a memory token, z (what space and the other tasks contributed) changes which encoder
+    steps the decoder reads; added to every step (fusion=shift, the old form) it cannot: a shift
+    common to every key leaves the softmax unchanged."""
+    dims = _dims(3)
+    batch = _double(fake_batch(dims, 4))
+    edited = _edit_one_neighbour(batch)  # changes z only: x, and so the encoder steps, stay
+    for fusion, should_change in (("token", True), ("shift", False)):
+        torch.manual_seed(0)
+        model = build_model("sim-mstnet", dims, **SMALL, attn="full", fusion=fusion).double().eval()
+        a, b = _cross_attention_weights(model, batch), _cross_attention_weights(model, edited)
+        assert a.shape[-1] == dims.input_len
+        assert bool((a - b).abs().max() > 1e-9) is should_change, fusion
+
+
+def test_window_norm_reaches_targets_far_above_the_global_scale():
+    """A busy cell 10 training std above the global mean: with per-window normalization and the
+    highway the forecast gets there in a few dozen steps; today's bounded head (norm=none, no
+    highway: Linear(LayerNorm(x))) stays far below."""
+    dims = _dims(1)
+    batch = fake_batch(dims, 32, seed=3)
+    level = 10.0
+    for key in ("x", "dec_in", "y"):
+        batch[key] = batch[key] + level
+    batch["x_patch"] = batch["x_patch"] + level
+    results = {}
+    for norm, highway in (("window", True), ("none", False)):
+        torch.manual_seed(0)
+        model = build_model("stnet", dims, **SMALL, dropout=0.0, norm=norm, highway=highway)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(60):
+            loss = masked_task_losses(model(batch), batch["y"], batch["y_mask"]).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results[norm] = float((model(batch) - batch["y"]).abs().mean().detach())
+    assert results["window"] < 0.3, results      # the daily cycle's amplitude is about 1
+    assert results["none"] > 3 * results["window"], results

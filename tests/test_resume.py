@@ -27,8 +27,14 @@ class Killed(Exception):
     pass
 
 
+INTERVAL_TIMING = {"calibration_seconds", "interval_seconds", "share_of_eval_seconds"}
+
+
 def _comparable(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in TIMING}
+    out = {k: v for k, v in metrics.items() if k not in TIMING}
+    if "intervals" in out:  # the interval figures must match; how long they took need not
+        out["intervals"] = {k: v for k, v in out["intervals"].items() if k not in INTERVAL_TIMING}
+    return out
 
 
 def _history(out: Path) -> list[dict]:

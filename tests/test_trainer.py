@@ -146,3 +146,16 @@ def test_refuses_to_overwrite_a_run(sim_run, grid):
     out, cfg, _ = sim_run
     with pytest.raises(UserError, match="already holds a run"):
         Trainer(cfg, grid=grid, progress=False, quiet=True).run()
+
+
+def test_a_short_run_learns_more_than_the_training_mean(sim_run, grid):
+    """Three tiny epochs must beat forecasting each service's training mean for every target (an
+    untrained or broken model -- zero output, a loss that ignores the data -- does not)."""
+    _, cfg, m = sim_run
+    data = prepare_data(cfg, grid)
+    windows = brute_force_windows(grid, data.ranges["test"], 12, 3)
+    mean = data.scaler.inverse(np.zeros(3))  # scaled 0 = the training mean, per service
+    for s, name in enumerate(("call", "sms", "net")):
+        errs = [abs(mean[s] - grid.values[t + 12 + h, r, c, s]) for t, r, c in windows for h in range(3)
+                if grid.mask[t + 12 + h, r, c, s]]
+        assert m["test"][name]["mae"] < 0.9 * np.mean(errs), name

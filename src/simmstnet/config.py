@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -74,7 +75,8 @@ class TrainConfig:
     lr_gamma: float = _opt(0.5, "decay factor of the step schedule")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this value (0 = off)")
     patience: int = _opt(5, "stop after this many epochs without a better validation MAE (0 = never)")
-    loss: str = _opt("mse", "per-task training loss on scaled values", choices=("mse", "mae", "huber"))
+    loss: str = _opt("mae", "per-task training loss on scaled values (mae matches the reported metric; chosen "
+                     "by measurement, docs/results/uneven.md)", choices=("mse", "mae", "huber"))
     loss_weighting: str = _opt("dynamic", "task loss weighting: dynamic (EMA-smoothed, paper eq. 13-14) or "
                                "average (equal weights)", choices=("dynamic", "average"))
     weighting_beta: float = _opt(0.9, "smoothing factor of the dynamic loss weighting")
@@ -233,11 +235,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise bad
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # PyYAML (YAML 1.1) reads 3e-4 (no dot) as text; take it as the number it clearly is.
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)
-        raise bad
+        elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            number = float(value)
+        else:
+            raise bad
+        if not math.isfinite(number):  # .inf / .nan (or 1e999) would only fail epochs later
+            raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -369,6 +375,9 @@ def _set(cfg: ExperimentConfig, key: str, value: Any, source: str) -> None:
         value = "off"  # YAML 1.1 reads a bare `off` as false
     if key == "data.services" and isinstance(value, str):
         value = [value]  # data.services=net means [net]
+    if key == "data.services" and value == []:
+        raise UserError(f"{where}config key 'data.services' is an empty list: name at least one "
+                        "service (e.g. [net]), or null for every service in the file")
     try:
         if key == "data.split":
             checked = _check_split(value)
@@ -392,6 +401,34 @@ def _check_model_options(cfg: ExperimentConfig) -> None:
         raise UserError(f"model section: {exc}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (YAML would keep the last)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            break
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _load_yaml(stream) -> Any:
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``; the value is read as YAML."""
     if "=" not in text:
@@ -401,7 +438,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise UserError(f"cannot read override {text!r}: the key is empty")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         line = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
         raise UserError(f"cannot read the value of override {key!r} as YAML: {line}") from None
@@ -415,7 +452,9 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}: no such config file")
     try:
         with open(path) as fh:
-            data = yaml.safe_load(fh)
+            data = _load_yaml(fh)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
@@ -506,7 +545,11 @@ def config_help(model_name: str | None = None) -> str:
                 from simmstnet.models.registry import config_help as model_help
 
                 rows = model_help(name)
-            except (ImportError, UserError):
+            except ImportError:
+                rows = []
+            except UserError as exc:
+                if model_name is not None:  # the user asked for this model: say it is unknown
+                    raise UserError(f"--help-config model.name={model_name}: {exc}") from None
                 rows = []
             if rows:
                 lines.append(f"  # options of model {name!r} (other models: `simmstnet models`, "

@@ -3,7 +3,9 @@
     simmstnet train [--config FILE.yaml] [--resume] [KEY=VALUE ...]
     simmstnet train --help-config [model.name=NAME]
     simmstnet evaluate --run DIR [--data FILE.npz] [--span test|val|all] [--out FILE.json]
+                       [--intervals 0.8,0.95] [--maps DIR [--geojson GRID.geojson]]
     simmstnet predict --run DIR --data FILE.npz [--at TIMESTAMP] --out FILE.csv|.parquet|.npz
+                      [--intervals 0.8,0.95]
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=N -m simmstnet train ...``.
 """
@@ -53,6 +55,16 @@ def register(sub) -> None:
     e.add_argument("--cell", metavar="ROW,COL", help="with --plots: the cell to draw (default: the busiest "
                    "cell of each service in the span)")
     e.add_argument("--horizon-step", type=int, default=1, help="with --plots: the horizon step to draw (1 = next step)")
+    e.add_argument("--intervals", metavar="LEVELS", help="conformal prediction intervals at these nominal "
+                   "levels, e.g. 0.8,0.95: coverage, width, Winkler score, pinball loss and CRPS per service "
+                   "(calibrated on the run's validation span; see docs/intervals.md)")
+    e.add_argument("--interval-method", choices=("split", "aci"), default=None,
+                   help="with --intervals: aci (default: adaptive conformal inference per cell over the "
+                        "span's issue times) or split (split conformal)")
+    e.add_argument("--maps", metavar="DIR", help="write per-cell maps (MAE, relative MAE, coverage) and "
+                   "cells.csv here (intervals at 0.8,0.95 unless --intervals)")
+    e.add_argument("--geojson", metavar="GRID.geojson", help="with --maps: draw the cells as the squares of "
+                   "this grid file (Telecom Italia grid GeoJSON) instead of the raster")
     e.set_defaults(func=run_evaluate)
 
     q = sub.add_parser("predict", help="forecast every cell from a given time, in original units",
@@ -66,6 +78,9 @@ def register(sub) -> None:
     q.add_argument("--out", required=True, metavar="FILE", help="output .csv, .parquet or .npz")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     q.add_argument("--batch-size", type=int, default=256, help="windows per batch")
+    q.add_argument("--intervals", metavar="LEVELS", help="also lower/upper bounds at these nominal levels, "
+                   "e.g. 0.8,0.95 (columns lower_80, upper_80, ...; conformal, calibrated on the run's "
+                   "validation span, adapted per cell on the last 7 days of --data)")
     q.set_defaults(func=run_predict)
 
 
@@ -207,11 +222,53 @@ def plot_runs(run, ds, grid, folder: str | Path, compare=None, cell: tuple[int, 
     return paths
 
 
+def run_calibration(run, grid, levels, device="cpu", batch_size: int = 256, method: str | None = None):
+    """The run's interval calibration at ``levels``: its ``calibration.npz`` (written by
+    ``simmstnet train``) when it fits this grid, else split conformal on the validation span of
+    ``grid`` with the run's split (older runs, or another grid size)."""
+    from simmstnet.eval.intervals import (CALIBRATION_FILE, DEFAULT_METHOD, Calibration, calibrate, cell_scales,
+                                          scale_range)
+    from simmstnet.data.windows import split_ranges
+
+    path = Path(run.folder) / CALIBRATION_FILE
+    if path.is_file():
+        cal = Calibration.load(path)
+        if cal.scale.shape[:2] == tuple(grid.shape[1:3]) and cal.services == tuple(run.services):
+            cal = cal.with_levels(levels)
+            if method is not None:
+                cal.method = method
+            return cal
+    d = run.config.data
+    ranges = split_ranges(grid, d.split, d.input_len, d.horizon, train_days=d.train_days)
+    scale = cell_scales(grid.values, grid.mask, scale_range(grid, ranges, d.input_len, d.train_days))
+    ds = _span_dataset(run, grid, "val")
+    return calibrate(run.model, ds, scale, levels, method or DEFAULT_METHOD, batch_size, device,
+                     run.config.train.amp, info={"calibrated_on": "val of the evaluated file"})
+
+
 def evaluate_run(run_dir: str | Path, data: str | None = None, span: str = "test", device: str = "auto",
                  batch_size: int = 256, progress: bool = True, plots: str | None = None,
                  compare: str | None = None, cell: tuple[int, int] | None = None,
-                 horizon_step: int = 1) -> dict:
-    """metrics.json-style figures of a run's best model on ``span`` of ``data`` (default: its own)."""
+                 horizon_step: int = 1, intervals=None, interval_method: str | None = None,
+                 maps: str | None = None, geojson: str | None = None) -> dict:
+    """metrics.json-style figures of a run's best model on ``span`` of ``data`` (default: its own).
+
+    ``intervals``: nominal levels (text "0.8,0.95" or floats) for conformal intervals; the result
+    then has an ``intervals`` block (see docs/intervals.md). ``maps``: folder for per-cell maps.
+    """
+    import time
+
+    from simmstnet.eval.intervals import check_method, parse_levels
+
+    levels = parse_levels(intervals) if (intervals is not None or maps is not None) else None
+    if interval_method is not None:
+        check_method(interval_method)
+        if levels is None:
+            raise UserError("--interval-method needs --intervals LEVELS")
+    if geojson is not None and maps is None:
+        raise UserError("--geojson draws the maps on real geometry: give --maps DIR too")
+    if geojson is not None and not Path(geojson).is_file():
+        raise UserError(f"--geojson {geojson}: no such file")
     from simmstnet.eval.forecast import evaluate
     from simmstnet.train.checkpoint import load_run
     from simmstnet.train.distributed import resolve_device
@@ -230,19 +287,47 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, span: str = "test
             raise UserError(f"--compare {compare}: its step {other.step} s differs from the run's {run.step} s")
         # The second run reads the same file, its own way (its services, its step).
         other = (other, _grid_for_run(other, data or d.path))
+    cal, cal_seconds = None, 0.0
+    if levels is not None:
+        t0 = time.perf_counter()
+        cal = run_calibration(run, grid, levels, dev, batch_size, interval_method)
+        cal_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
     res = evaluate(run.model, ds, batch_size, dev, run.config.train.amp, run.config.train.loss,
-                   progress=progress, desc=f"evaluate {span}")
+                   progress=progress, desc=f"evaluate {span}", intervals=cal, interval_method=interval_method)
+    eval_seconds = time.perf_counter() - t0
     if plots is not None:
         plot_runs(run, ds, grid, plots, other, cell, horizon_step, dev, batch_size)
     lo, hi = ds.target_range
-    return {"run": str(run_dir), "model": run.config.model.name, "data": str(data or d.path), "span": span,
-            "target_steps": [lo, hi], "step": format_step(grid.step), "input_len": d.input_len,
-            "horizon": d.horizon, span: res["metrics"]}
+    out = {"run": str(run_dir), "model": run.config.model.name, "data": str(data or d.path), "span": span,
+           "target_steps": [lo, hi], "step": format_step(grid.step), "input_len": d.input_len,
+           "horizon": d.horizon, span: res["metrics"]}
+    if cal is not None:
+        from simmstnet.train.trainer import interval_block
+
+        out["intervals"] = interval_block(cal, res, cal_seconds, eval_seconds, span)
+        out["intervals"]["eval_seconds"] = round(eval_seconds, 4)
+        if "aci" in res:
+            out["intervals"]["aci"] = {k: v for k, v in res["aci"].items() if k == "alpha_mean"}
+    if maps is not None:
+        from simmstnet.eval.maps import plot_cell_maps, write_cell_table
+
+        write_cell_table(res["cells"], Path(maps) / "cells.csv")
+        plot_cell_maps(res["cells"], maps, grid.meta, geojson, title=f"{run.config.model.name}, {span} span")
+    return out
+
+
+def _check_batch_size(value: int) -> None:
+    if value < 1:  # 0 would divide by zero, a negative one silently skip every window
+        raise UserError(f"--batch-size must be at least 1, got {value}")
 
 
 def run_evaluate(args) -> int:
-    from simmstnet.utils import atomic_path
+    from simmstnet.utils import atomic_path, check_output_file
 
+    _check_batch_size(args.batch_size)
+    if args.out:
+        check_output_file(args.out)  # before the evaluation, not after it
     cell = None
     if args.cell is not None:
         try:
@@ -252,7 +337,9 @@ def run_evaluate(args) -> int:
         if len(cell) != 2:
             raise UserError(f"--cell {args.cell!r}: give ROW,COL, e.g. --cell 3,7")
     result = evaluate_run(args.run, args.data, args.span, args.device, args.batch_size, plots=args.plots,
-                          compare=args.compare, cell=cell, horizon_step=args.horizon_step)
+                          compare=args.compare, cell=cell, horizon_step=args.horizon_step,
+                          intervals=args.intervals, interval_method=args.interval_method, maps=args.maps,
+                          geojson=args.geojson)
     text = json.dumps(result, indent=2, allow_nan=False)
     if args.out:
         with atomic_path(args.out) as tmp:
@@ -285,12 +372,14 @@ def parse_at(text: str, grid) -> int:
     return idx
 
 
-def forecast_at(run, grid, at_index: int, device="cpu", batch_size: int = 256) -> dict:
+def forecast_at(run, grid, at_index: int, device="cpu", batch_size: int = 256, cal=None) -> dict:
     """Forecasts of every cell issued at time step ``at_index`` (its last input step).
 
     Returns ``{"forecast": (H, Hg, Wg, C) original units, "target_timestamps": (H,),
     "timestamp_issued": int, "services": tuple}``. Targets may lie beyond the end of the data:
-    the grid is extended by unobserved steps so that the window exists.
+    the grid is extended by unobserved steps so that the window exists. With ``cal`` (a
+    :class:`~simmstnet.eval.intervals.Calibration`) also ``"levels"`` (K,) and ``"lower"``,
+    ``"upper"`` (K, H, Hg, Wg, C).
     """
     from simmstnet.data.grid import TrafficGrid
     from simmstnet.data.windows import WindowDataset
@@ -312,11 +401,22 @@ def forecast_at(run, grid, at_index: int, device="cpu", batch_size: int = 256) -
     ds = WindowDataset(grid, input_len=L, label_len=d.label_len, horizon=H, patch=d.patch, scaler=run.scaler,
                        target_range=(at_index + 1, at_index + 1 + H), skip_unobserved=False)
     out = np.zeros((H, Hg, Wg, C), np.float32)
+    K = len(cal.levels) if cal is not None else 0
+    lower = np.zeros((K, H, Hg, Wg, C), np.float32)
+    upper = np.zeros((K, H, Hg, Wg, C), np.float32)
     for batch, pred in forecast_batches(run.model, ds, None, batch_size, device, run.config.train.amp):
         _, rows, cols = ds.window_info(batch["index"])
-        out[:, rows, cols] = run.scaler.inverse(pred.double()).numpy().transpose(1, 0, 2)
-    return {"forecast": out, "target_timestamps": grid.timestamps[at_index + 1: at_index + 1 + H].copy(),
-            "timestamp_issued": int(grid.timestamps[at_index]), "services": tuple(run.services)}
+        p = run.scaler.inverse(pred.double()).numpy()
+        out[:, rows, cols] = p.transpose(1, 0, 2)
+        if cal is not None:
+            lo_b, up_b = cal.bounds(p, rows, cols)                        # (K, B, H, C)
+            lower[:, :, rows, cols] = lo_b.transpose(0, 2, 1, 3)
+            upper[:, :, rows, cols] = up_b.transpose(0, 2, 1, 3)
+    result = {"forecast": out, "target_timestamps": grid.timestamps[at_index + 1: at_index + 1 + H].copy(),
+              "timestamp_issued": int(grid.timestamps[at_index]), "services": tuple(run.services)}
+    if cal is not None:
+        result.update(levels=tuple(cal.levels), lower=lower, upper=upper)
+    return result
 
 
 def forecast_table(result: dict, timezone: str):
@@ -338,7 +438,19 @@ def forecast_table(result: dict, timezone: str):
         "col": c.ravel(),
         "service": np.array(result["services"])[s.ravel()],
         "forecast": fc[h.ravel(), r.ravel(), c.ravel(), s.ravel()],
+        **_bound_columns(result, h.ravel(), r.ravel(), c.ravel(), s.ravel()),
     })
+
+
+def _bound_columns(result: dict, h, r, c, s) -> dict:
+    """``lower_<tag>``, ``upper_<tag>`` columns (tag = level in percent) when intervals were asked for."""
+    from simmstnet.eval.intervals import level_tag
+
+    cols = {}
+    for k, lv in enumerate(result.get("levels", ())):
+        cols[f"lower_{level_tag(lv)}"] = result["lower"][k][h, r, c, s]
+        cols[f"upper_{level_tag(lv)}"] = result["upper"][k][h, r, c, s]
+    return cols
 
 
 def write_forecast(result: dict, path: str | Path, timezone: str) -> Path:
@@ -360,7 +472,9 @@ def write_forecast(result: dict, path: str | Path, timezone: str) -> Path:
                 np.savez(fh, forecast=result["forecast"], target_timestamps=result["target_timestamps"],
                          timestamp_issued=np.int64(result["timestamp_issued"]),
                          horizon_step=np.arange(1, result["forecast"].shape[0] + 1),
-                         services=np.array(result["services"], dtype=str))
+                         services=np.array(result["services"], dtype=str),
+                         **({"levels": np.asarray(result["levels"]), "lower": result["lower"],
+                             "upper": result["upper"]} if "levels" in result else {}))
         else:
             table = forecast_table(result, timezone)
             if suffix == ".csv":
@@ -370,15 +484,58 @@ def write_forecast(result: dict, path: str | Path, timezone: str) -> Path:
     return path
 
 
+def _predict_calibration(run, grid, levels, at: int, device, batch_size: int):
+    """The run's calibration for a forecast on ``grid``: the run's quantiles; on a grid of another
+    size the per-cell scales come from this grid's history up to the issue time."""
+    from simmstnet.eval.intervals import CALIBRATION_FILE, Calibration, cell_scales
+
+    path = Path(run.folder) / CALIBRATION_FILE
+    if path.is_file():
+        cal = Calibration.load(path).with_levels(levels)
+        if cal.scale.shape[:2] != tuple(grid.shape[1:3]):
+            cal.scale = cell_scales(grid.values, grid.mask, (0, at + 1))
+    else:
+        cal = run_calibration(run, grid, levels, device, batch_size)
+    if cal.method != "aci":
+        return cal
+    # Adaptive conformal inference: replay the recent forecasts of this file whose truth is known
+    # (up to ACI_REPLAY_DAYS before the issue time) so that each cell's level has adapted.
+    from simmstnet.data.windows import WindowDataset
+    from simmstnet.eval.intervals import ACI_REPLAY_DAYS, aci_state
+
+    d = run.config.data
+    L, H = d.input_len, d.horizon
+    hi = at + 1                                   # targets up to the issue time are known
+    lo = max(L, hi - ACI_REPLAY_DAYS * max(1, 86400 // grid.step))
+    if hi - lo < H:
+        return cal                                # no history to adapt on: the calibrated levels
+    ds = WindowDataset(grid, input_len=L, label_len=d.label_len, horizon=H, patch=d.patch, scaler=run.scaler,
+                       target_range=(lo, hi))
+    if len(ds) == 0:
+        return cal
+    return aci_state(run.model, ds, cal, next_start=at - L + 1, batch_size=batch_size, device=device,
+                     amp=run.config.train.amp)
+
+
 def run_predict(args) -> int:
     from simmstnet.train.checkpoint import load_run
     from simmstnet.train.distributed import resolve_device
 
+    from simmstnet.utils import check_output_file
+
+    _check_batch_size(args.batch_size)
+    check_output_file(args.out)  # before the forecast, not after it
+    levels = None
+    if args.intervals is not None:
+        from simmstnet.eval.intervals import parse_levels
+
+        levels = parse_levels(args.intervals)
     dev = resolve_device(args.device)
     run = load_run(args.run, dev)
     grid = _grid_for_run(run, args.data)
     at = grid.shape[0] - 1 if args.at is None else parse_at(args.at, grid)
-    result = forecast_at(run, grid, at, dev, args.batch_size)
+    cal = _predict_calibration(run, grid, levels, at, dev, args.batch_size) if levels is not None else None
+    result = forecast_at(run, grid, at, dev, args.batch_size, cal=cal)
     out = write_forecast(result, args.out, grid.timezone)
     H, Hg, Wg, C = result["forecast"].shape
     from simmstnet.train.trainer import _iso

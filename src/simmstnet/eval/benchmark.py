@@ -61,6 +61,11 @@ from simmstnet.utils import atomic_path
 
 TABLES = ("table1", "table2", "table3", "fig2")
 NAIVE = ("last-value", "seasonal-naive-day", "seasonal-naive-week", "historical-average")
+# Linear references every table carries beside the learned models (a learned model that loses
+# to them must show it): closed-form ridge autoregression, NLinear, DLinear.
+LINEAR = ("ridge", "nlinear", "dlinear")
+# The classical statistical reference (statsforecast MSTL profile + AutoETS level, per series).
+CLASSICAL = ("mstl",)
 MULTI_SERVICES = ("call", "sms", "net")
 # Shipped profiles live inside the package, so an installed (non-editable) package has them too.
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -89,8 +94,9 @@ def table_methods(table: str, registered: list[tuple[str, bool, str]] | None = N
 
         registered = list_models()
     names = {name: multitask for name, multitask, _ in registered}
+    refs = [Method(n, n, n) for n in (*NAIVE, *LINEAR, *CLASSICAL) if n in names]
     if table == "table1":
-        rows = [Method(n, n, n) for n in NAIVE if n in names]
+        rows = list(refs)
         rows += [Method(n, n, n) for n, mt, _ in registered
                  if not mt and n not in NAIVE and n != "stnet"]
         if "stnet" in names:
@@ -100,14 +106,19 @@ def table_methods(table: str, registered: list[tuple[str, bool, str]] | None = N
         return rows
     if table == "table2":
         wanted = [("mttc", "MTTC"), ("ast-mtl", "AST-MTL"), ("cslsl", "CSLSL"), ("sim-mstnet", "Sim-MSTNet")]
-        return [Method(k, label, k) for k, label in wanted if k in names]
+        return refs + [Method(k, label, k) for k, label in wanted if k in names]
     if table == "table3":
         if "sim-mstnet" not in names:
             return []
-        return [Method("no-interaction", "w/o interaction", "sim-mstnet", ["model.interaction=false"]),
+        return [*(Method(m.key, m.label, m.model, same_as=("table2", m.key)) for m in refs),
+                Method("no-interaction", "w/o interaction", "sim-mstnet", ["model.interaction=false"]),
                 Method("no-spatial", "w/o spatial branch", "sim-mstnet", ["model.spatial=false"]),
                 Method("average-weighting", "average loss weighting", "sim-mstnet",
                        ["train.loss_weighting=average"]),
+                Method("fusion-shift", "z added to every memory step (fusion=shift)", "sim-mstnet",
+                       ["model.fusion=shift"]),
+                Method("no-highway", "w/o linear highway", "sim-mstnet", ["model.highway=false"]),
+                Method("global-norm", "global scaling only (norm=none)", "sim-mstnet", ["model.norm=none"]),
                 Method("full", "Sim-MSTNet (full)", "sim-mstnet", same_as=("table2", "sim-mstnet"))]
     raise UserError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
 
@@ -386,6 +397,9 @@ class Bench:
             f"- seeds: {', '.join(str(k) for k in range(self.seeds))} (train.seed); every method on the same "
             f"data, split, windows and seeds, measured side by side in this run",
             f"- figures: test-span mean ± sample std (ddof=1) over seeds; bold = best mean per metric column",
+            "- intervals: split conformal on per-cell scaled residuals, calibrated on the validation span "
+            "(docs/intervals.md); cov = test coverage in % of the nominal 80 %/95 % interval, width and "
+            "Winkler (interval) score in original units, pooled over the table's services; never bold",
             f"- profile: {self.profile.name} ({self.profile.path.name}: {self.profile.description})"
             + (f"; extra keys: {' '.join(self.extra)}" if self.extra else ""),
             f"- host: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {_torch_threads()}; "
@@ -403,7 +417,9 @@ class Bench:
         rows = {r["key"]: r for r in t2["rows"]}
         if "sim-mstnet" not in rows or rows["sim-mstnet"]["n"] == 0:
             raise UserError("fig2: Sim-MSTNet has no finished table2 run")
-        others = [r for k, r in rows.items() if k != "sim-mstnet" and r["n"] > 0
+        # The second-best *multi-task network* (the paper's figure); the references are in the table.
+        others = [r for k, r in rows.items()
+                  if k != "sim-mstnet" and k not in (*NAIVE, *LINEAR, *CLASSICAL) and r["n"] > 0
                   and r["overall_mae_mean"] is not None]
         if not others:
             raise UserError("fig2: no other multi-task model of table2 finished")
@@ -458,12 +474,28 @@ def aggregate(methods: list[Method], results: dict[str, list[RunResult]], servic
                 row[f"{s}_{metric}_mean"], row[f"{s}_{metric}_std"] = mean, std
         row["overall_mae_mean"], row["overall_mae_std"] = _mean_std(
             [r.metrics["test"]["overall"]["mae"] for r in ok])
+        for key, _ in INTERVAL_COLUMNS:
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([_interval(r.metrics, key) for r in ok])
         row["train_seconds_mean"], row["train_seconds_std"] = _mean_std([r.metrics.get("train_seconds") for r in ok])
         na = [r for r in runs if r.metrics is None]
         row["status"] = "ok" if not na else ("n/a" if not ok else "partial")
         row["reason"] = na[0].reason if na else ""
         rows.append(row)
     return rows
+
+
+# Conformal intervals (metrics.json "intervals", test span, pooled over the table's services):
+# shown after the point metrics, never bold (a higher coverage is not "better").
+INTERVAL_COLUMNS = (("coverage_80", "cov 80 %"), ("coverage_95", "cov 95 %"), ("width_95", "width 95"),
+                    ("winkler_95", "Winkler 95"))
+
+
+def _interval(metrics: dict, key: str):
+    """A pooled test interval figure of a run (None for runs without intervals)."""
+    v = ((metrics.get("intervals") or {}).get("test") or {}).get("overall", {}).get(key)
+    if v is not None and key.startswith("coverage_"):
+        v = 100.0 * v
+    return v
 
 
 def _columns(services: list[str]) -> list[tuple[str, str]]:
@@ -491,7 +523,9 @@ def render_markdown(table: str, rows: list[dict], services: list[str], protocol:
         best[c] = min(means) if means else None
     out = io.StringIO()
     out.write(f"# {titles.get(table, table)}\n\nProtocol:\n\n" + "\n".join(protocol) + "\n\n")
-    head = ["method"] + [t for _, t in cols] + ["train s", "seeds"]
+    # Interval columns last, and only when some run has intervals (older run folders have none).
+    iv_cols = [(c, t) for c, t in INTERVAL_COLUMNS if any(r.get(f"{c}_mean") is not None for r in rows)]
+    head = ["method"] + [t for _, t in cols] + ["train s", "seeds"] + [t for _, t in iv_cols]
     out.write("| " + " | ".join(head) + " |\n")
     out.write("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|\n")
     notes = []
@@ -504,6 +538,8 @@ def render_markdown(table: str, rows: list[dict], services: list[str], protocol:
             cells.append(text)
         cells.append(_fmt(r["train_seconds_mean"], r["train_seconds_std"], 3))
         cells.append(str(r["n"]))
+        for c, _ in iv_cols:
+            cells.append(_fmt(r.get(f"{c}_mean"), r.get(f"{c}_std")))
         out.write("| " + " | ".join(cells) + " |\n")
         if r["status"] != "ok":
             notes.append(f"- {r['label']}: {'not available' if r['status'] == 'n/a' else 'some seeds missing'}: "
@@ -514,7 +550,7 @@ def render_markdown(table: str, rows: list[dict], services: list[str], protocol:
 
 
 def write_csv(path: Path, rows: list[dict], services: list[str]) -> Path:
-    cols = [c for c, _ in _columns(services)] + ["train_seconds"]
+    cols = [c for c, _ in _columns(services)] + [c for c, _ in INTERVAL_COLUMNS] + ["train_seconds"]
     fields = ["method", "label", "n_seeds"] + [f"{c}_{x}" for c in cols for x in ("mean", "std")] + ["status", "reason"]
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:
@@ -530,7 +566,7 @@ def write_csv(path: Path, rows: list[dict], services: list[str]) -> Path:
 def write_runs_csv(path: Path, methods: list[Method], results: dict[str, list[RunResult]],
                    services: list[str]) -> Path:
     fields = ["method", "seed", "status", "folder"] + [f"{s}_{m}" for s in services for m in ("mae", "rmse")] \
-        + ["overall_mae", "train_seconds", "epochs_run", "params", "reason"]
+        + ["overall_mae"] + [c for c, _ in INTERVAL_COLUMNS] + ["train_seconds", "epochs_run", "params", "reason"]
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
@@ -540,8 +576,9 @@ def write_runs_csv(path: Path, methods: list[Method], results: dict[str, list[Ru
                     t = r.metrics["test"] if r.metrics else {}
                     w.writerow([m.key, r.seed, r.status, str(r.folder)]
                                + [_csv((t.get(s) or {}).get(x)) for s in services for x in ("mae", "rmse")]
-                               + [_csv((t.get("overall") or {}).get("mae")),
-                                  _csv(r.metrics.get("train_seconds") if r.metrics else None),
+                               + [_csv((t.get("overall") or {}).get("mae"))]
+                               + [_csv(_interval(r.metrics, c) if r.metrics else None) for c, _ in INTERVAL_COLUMNS]
+                               + [_csv(r.metrics.get("train_seconds") if r.metrics else None),
                                   _csv(r.metrics.get("epochs_run") if r.metrics else None),
                                   _csv(r.metrics.get("params") if r.metrics else None), r.reason])
     return path

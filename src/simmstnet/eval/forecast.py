@@ -25,10 +25,16 @@ def autocast(device: torch.device, amp: bool):
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], ds, model, device: torch.device) -> dict[str, torch.Tensor]:
-    """Move a batch to ``device``; add ``row``/``col`` (B,) for models with ``needs_cells``."""
+    """Move a batch to ``device``; add ``row``/``col`` (B,) for models with ``needs_cells``, and
+    ``start`` (B,) for models with ``needs_history`` (after ``model.bind(ds)``, once per dataset)."""
     if getattr(_unwrap(model), "needs_cells", False):
         _, row, col = ds.window_info(batch["index"].cpu())
         batch = {**batch, "row": torch.from_numpy(row), "col": torch.from_numpy(col)}
+    if getattr(_unwrap(model), "needs_history", False):
+        if getattr(_unwrap(model), "bound_dataset", None) is not ds:
+            _unwrap(model).bind(ds)
+        start, _, _ = ds.window_info(batch["index"].cpu())
+        batch = {**batch, "start": torch.from_numpy(start)}
     if device.type != "cpu":
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch
@@ -62,13 +68,27 @@ def forecast_batches(model, ds, indices: np.ndarray | None = None, batch_size: i
 
 def evaluate(model, ds, batch_size: int = 256, device: torch.device | str = "cpu", amp: bool = True,
              loss_kind: str = "mse", max_windows: int | None = None, progress: bool = False,
-             desc: str = "evaluate") -> dict:
+             desc: str = "evaluate", intervals=None, interval_method: str | None = None,
+             collect=None) -> dict:
     """Masked metrics in original units plus per-task losses in scaled units.
 
     Returns ``{"metrics": {service: {...}, "overall": {...}}, "task_losses": [C floats]}``,
     over every window of ``ds`` or, with ``max_windows``, that many evenly spaced windows.
+
+    With ``intervals`` (a :class:`~simmstnet.eval.intervals.Calibration`) also ``"intervals"``
+    (coverage, width, Winkler score, pinball, CRPS per service; see
+    :class:`~simmstnet.eval.intervals.IntervalAccumulator`), ``"cells"`` (per-cell MAE, mean and
+    coverage arrays for the maps) and ``"interval_method"``; ``interval_method`` "split"
+    (default: the calibration's method) or "aci" (adaptive conformal inference over the span's
+    issue times, which adds ``"aci"``). ``collect`` (a
+    :class:`~simmstnet.eval.intervals.ScoreCollector`) receives every batch's forecasts in the
+    same pass (calibration on the validation span without a second pass).
     """
     from simmstnet.train.losses import masked_sample_losses
+
+    if intervals is not None or collect is not None:
+        return _evaluate_with_intervals(model, ds, batch_size, device, amp, loss_kind, max_windows, progress,
+                                        desc, intervals, interval_method, collect)
 
     indices = None
     if max_windows is not None and max_windows < len(ds):
@@ -84,6 +104,55 @@ def evaluate(model, ds, batch_size: int = 256, device: torch.device | str = "cpu
         loss_n += counts.sum(0).double()
     losses = (loss_sum / loss_n.clamp_min(1)).tolist()
     return {"metrics": acc.result(), "task_losses": losses}
+
+
+def _evaluate_with_intervals(model, ds, batch_size, device, amp, loss_kind, max_windows, progress, desc,
+                             cal, method, collect) -> dict:
+    """:func:`evaluate` plus interval metrics and/or score collection (one pass over the windows)."""
+    import time
+
+    from simmstnet.eval.intervals import AciBuffer, IntervalAccumulator, check_method
+    from simmstnet.train.losses import masked_sample_losses
+
+    indices = None
+    if max_windows is not None and max_windows < len(ds):
+        indices = np.unique(np.linspace(0, len(ds) - 1, max_windows).round().astype(np.int64))
+    acc = MetricAccumulator(ds.services, horizon=ds.horizon)
+    loss_sum = torch.zeros(ds.n_services, dtype=torch.float64)
+    loss_n = torch.zeros(ds.n_services, dtype=torch.float64)
+    method = check_method(method or (cal.method if cal is not None else None))
+    iacc = IntervalAccumulator(ds.services, cal.levels, ds.grid.shape[1:3]) if cal is not None else None
+    aci = AciBuffer(cal) if cal is not None and method == "aci" else None
+    interval_seconds = 0.0
+    for batch, pred in forecast_batches(model, ds, indices, batch_size, device, amp, progress, desc):
+        p = ds.scaler.inverse(pred.double())
+        acc.update(p, batch["y_raw"], batch["y_mask"])
+        sums, counts = masked_sample_losses(pred, batch["y"], batch["y_mask"], kind=loss_kind)
+        loss_sum += sums.sum(0).double()
+        loss_n += counts.sum(0).double()
+        t0 = time.perf_counter()
+        start, rows, cols = ds.window_info(batch["index"])
+        p_np, y_np, m_np = p.numpy(), batch["y_raw"].double().numpy(), batch["y_mask"].numpy()
+        if collect is not None:
+            collect.update(p_np, y_np, m_np, rows, cols)
+        if aci is not None:
+            aci.update(start, rows, cols, p_np, y_np, m_np)
+        elif iacc is not None:
+            lower, upper = cal.bounds(p_np, rows, cols)
+            iacc.update(p_np, y_np, m_np, lower, upper, rows, cols)
+        interval_seconds += time.perf_counter() - t0
+    losses = (loss_sum / loss_n.clamp_min(1)).tolist()
+    out = {"metrics": acc.result(), "task_losses": losses}
+    if iacc is not None:
+        t0 = time.perf_counter()
+        if aci is not None:
+            out["aci"] = aci.finish(iacc)
+        out["intervals"] = iacc.result()
+        out["cells"] = iacc.cell_table()
+        out["interval_method"] = method
+        interval_seconds += time.perf_counter() - t0
+    out["interval_seconds"] = interval_seconds
+    return out
 
 
 def cell_series(model, ds, row: int, col: int, horizon_step: int = 1, batch_size: int = 256,

@@ -10,6 +10,14 @@ A model file declares a config dataclass (defaults, one-line help per field in
 ``build_model(name, dims, **overrides)`` fills the config from ``overrides`` (unknown keys and
 wrongly typed values raise :class:`~simmstnet.errors.UserError`) and returns the instance.
 
+Every model also takes the option ``norm`` (``model.norm=...``), handled here rather than in
+each model so that it is applied in one place: ``window`` wraps the network in
+:class:`~simmstnet.models.norm.WindowNorm` (reversible per-window normalization: scale-free
+forecasting on grids whose cells differ by orders of magnitude), ``none`` feeds it the globally
+scaled values, ``auto`` (the default) takes the model's own setting, declared with
+``register_model(..., norm=...)``: ``window`` for Sim-MSTNet/STNet (chosen by measurement, see
+docs/results/uneven.md), the paper's setting (``none``) for the published baselines.
+
 The built-in models (``simmstnet.models.sim_mstnet`` and every module of the
 ``simmstnet.models.baselines`` package) are imported on the first lookup, so importing this
 module stays cheap and a new baseline file registers itself just by existing.
@@ -53,6 +61,13 @@ class ModelEntry:
     config: type | None  # config dataclass, None for models without options
     multitask: bool
     description: str
+    norm: str = "none"  # what model.norm=auto means for this model
+
+
+NORM_CHOICES = ("auto", "window", "none")
+NORM_HELP = ("input normalization: window (each window scaled by its own observed mean/std, the "
+             "forecast mapped back: scale-free), none (the global per-service scaler only), auto (the "
+             "model's default)")
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -60,13 +75,15 @@ _LOADED = False
 
 
 def register_model(name: str, multitask: bool, description: str,
-                   config: type | None = None) -> Callable[[type], type]:
+                   config: type | None = None, norm: str = "none") -> Callable[[type], type]:
     """Class decorator: register ``cls`` under ``name``.
 
     ``config`` is the model's config dataclass; when omitted, the class attribute
     ``config_class`` is used if present. The class is constructed as ``cls(dims, config)``
-    (or ``cls(dims)`` when it has no config).
+    (or ``cls(dims)`` when it has no config). ``norm`` is what ``model.norm=auto`` means for it.
     """
+    if norm not in ("window", "none"):
+        raise ValueError(f"model {name!r}: norm must be 'window' or 'none', got {norm!r}")
 
     def decorate(cls: type) -> type:
         cfg = config if config is not None else getattr(cls, "config_class", None)
@@ -76,7 +93,7 @@ def register_model(name: str, multitask: bool, description: str,
         # Re-registering the same class (module reloaded) is harmless; two classes is a bug.
         if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"model name {name!r} registered twice ({old.cls.__qualname__}, {cls.__qualname__})")
-        _REGISTRY[name] = ModelEntry(name, cls, cfg, bool(multitask), description)
+        _REGISTRY[name] = ModelEntry(name, cls, cfg, bool(multitask), description, norm)
         return cls
 
     return decorate
@@ -124,9 +141,9 @@ def list_models() -> list[tuple[str, bool, str]]:
 def config_help(name: str) -> list[tuple[str, Any, str]]:
     """``(field, default, help)`` for each option of model ``name`` (for `--help`-style listings)."""
     entry = _entry(name)
+    rows = [("norm", "auto", f"{NORM_HELP}; auto = {entry.norm} for {name}")]
     if entry.config is None:
-        return []
-    rows = []
+        return rows
     for f in dataclasses.fields(entry.config):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
@@ -156,9 +173,20 @@ def _coerce(model: str, key: str, value: Any, default: Any) -> Any:
                     f"got {type(value).__name__} {value!r}")
 
 
-def build_config(name: str, **overrides: Any) -> Any:
-    """The config dataclass of ``name`` with defaults replaced by ``overrides``."""
+def resolve_norm(name: str, value: Any = "auto") -> str:
+    """``window`` or ``none``: what ``model.norm=value`` means for model ``name``."""
     entry = _entry(name)
+    if value not in NORM_CHOICES:
+        raise UserError(f"model option 'norm' must be one of {', '.join(NORM_CHOICES)}, got {value!r}")
+    return entry.norm if value == "auto" else value
+
+
+def build_config(name: str, **overrides: Any) -> Any:
+    """The config dataclass of ``name`` with defaults replaced by ``overrides`` (``norm`` is
+    checked and set aside: it belongs to :func:`build_model`, not to the model's config)."""
+    entry = _entry(name)
+    overrides = dict(overrides)
+    resolve_norm(name, overrides.pop("norm", "auto"))
     if entry.config is None:
         if overrides:
             raise UserError(f"model {name!r} takes no options, got {', '.join(sorted(overrides))}")
@@ -180,5 +208,15 @@ def build_model(name: str, dims: DataDims, **overrides: Any):
     it and listing the known ones) or a wrongly typed value.
     """
     entry = _entry(name)
+    overrides = dict(overrides)
+    norm = resolve_norm(name, overrides.pop("norm", "auto"))
     cfg = build_config(name, **overrides)
-    return entry.cls(dims) if entry.config is None else entry.cls(dims, cfg)
+    model = entry.cls(dims) if entry.config is None else entry.cls(dims, cfg)
+    if norm == "window" and hasattr(model, "fit"):
+        raise UserError(f"model {name!r} is fitted on the globally scaled training data: model.norm=window "
+                        f"does not apply to it (use model.norm=none)")
+    if norm == "window":
+        from simmstnet.models.norm import WindowNorm
+
+        model = WindowNorm(model, dims.label_len)
+    return model

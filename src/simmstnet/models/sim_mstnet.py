@@ -10,9 +10,22 @@ Per task (service) k, for one window:
    residual + LayerNorm; the same, with separate weights, for s_1..s_C;
 4. fusion: f_k = Linear([t_k, s_k]) (shared), then a task-specific MLP -> z_k (B, d);
 5. task decoder: embed [dec_in_k, known_k] + calendar + position, causal self-attention,
-   ProbSparse cross-attention onto the memory m_k = h_k + z_k (z_k added to every encoder step,
-   so the decoder reads the task's own time steps, each shifted by what the spatial branch and
-   the other tasks contributed), linear head; the last H steps are the forecast.
+   ProbSparse cross-attention onto the memory, linear head; the last H steps are the forecast.
+   The memory is ``[z_k; h_1 .. h_T']`` (``fusion=token``, default): z_k is one more token the
+   decoder's queries can attend to, and it is added to every decoder input step, so what the
+   spatial branch and the other tasks contributed changes *which* encoder steps the decoder
+   reads and how much, and reaches the head through the residual stream. The paper's text suggests adding z_k to
+   every step (``fusion=shift``: m_k = h_k + z_k); a shift common to every key leaves the
+   attention softmax unchanged, so there the spatial and cross-task features only add one
+   constant vector to the cross-attention output (why the ablations barely differed);
+6. highway (``highway=True``, default; LSTNet's autoregressive component, Lai et al. SIGIR
+   2018): a linear map of the task's own L inputs to its H outputs, added to the decoder's
+   forecast. The network then models what a linear autoregression cannot, and its output has no
+   ceiling (the decoder's head reads a LayerNorm output, so alone it is bounded).
+
+Inputs are normalized per window by default (``model.norm=auto`` = ``window`` for this model,
+:mod:`simmstnet.models.norm`): the forecast scale follows each window's own level. Calendar
+marks enter with sin/cos of the time of day and week (``cyclic_calendar``).
 
 ``interaction=False`` skips step 3 (ablation "w/o Inter"), ``spatial=False`` drops step 2 and
 fuses the temporal vector alone (ablation "w/o Spatial"). With one service the interaction is
@@ -26,6 +39,7 @@ import torch
 from torch import nn
 
 from simmstnet.errors import UserError
+from simmstnet.models.layers.attention import set_prob_measure
 from simmstnet.models.layers.decoder import Decoder
 from simmstnet.models.layers.embeddings import DataEmbedding
 from simmstnet.models.layers.encoder import Encoder, FeedForward
@@ -48,12 +62,25 @@ class SimMSTNetConfig:
         "help": "encoder self-attention: full (the paper names ProbSparse only for the decoder; full is "
                 "also faster at input lengths of a few dozen steps) or prob (Informer's encoder)"})
     factor: int = field(default=5, metadata={"help": "ProbSparse sampling factor c (u = c * ceil(ln L))"})
+    prob_measure: str = field(default="sample-mean", metadata={
+        "help": "ProbSparse query measure: sample-mean (max - mean of the sampled scores, the paper's "
+                "formula) or reference (sum of the sampled scores / L_K, as the Informer2020 code)"})
     distil: bool = field(default=False,
                          metadata={"help": "Informer distilling: halve the sequence between encoder layers"})
     interaction: bool = field(default=True, metadata={"help": "cross-task attention (False: ablation w/o Inter)"})
     spatial: bool = field(default=True,
                           metadata={"help": "CNN + attention spatial branch (False: ablation w/o Spatial)"})
     seed: int = field(default=0, metadata={"help": "seed of the ProbSparse key sampling"})
+    spatial_input: str = field(default="patch", metadata={
+        "help": "what the spatial branch reads: patch (the k x k neighbourhood) or centre (every patch cell "
+                "replaced by the centre cell's own series: a benchmark control showing what the neighbours add)"})
+    fusion: str = field(default="token", metadata={
+        "help": "how the fused spatial/cross-task vector reaches the decoder: token (one more memory "
+                "token) or shift (added to every encoder step, the paper's reading)"})
+    highway: bool = field(default=True, metadata={
+        "help": "add a linear autoregressive map of the task's inputs to the forecast (LSTNet)"})
+    cyclic_calendar: bool = field(default=True, metadata={
+        "help": "sin/cos of the time of day and week beside the raw calendar marks"})
 
 
 class _TaskModules(nn.Module):
@@ -62,16 +89,19 @@ class _TaskModules(nn.Module):
     def __init__(self, dims: DataDims, cfg: SimMSTNetConfig, seed: int):
         super().__init__()
         d = cfg.d_model
-        self.enc_embedding = DataEmbedding(2, dims.n_marks, d, dims.input_len, cfg.dropout)
+        self.enc_embedding = DataEmbedding(2, dims.n_marks, d, dims.input_len, cfg.dropout,
+                                           cyclic=cfg.cyclic_calendar)
         self.encoder = Encoder(cfg.enc_layers, d, cfg.n_heads, cfg.d_ff, cfg.enc_attn, cfg.factor,
                                cfg.dropout, cfg.distil, seed)
         self.pool = nn.Linear(2 * d, d)
         self.spatial = (SpatialBranch(dims.input_len, dims.patch, d, cfg.n_heads, cfg.dropout)
                         if cfg.spatial else None)
         self.mlp = FeedForward(d, cfg.d_ff, cfg.dropout)
-        self.dec_embedding = DataEmbedding(2, dims.n_marks, d, dims.label_len + dims.horizon, cfg.dropout)
+        self.dec_embedding = DataEmbedding(2, dims.n_marks, d, dims.label_len + dims.horizon, cfg.dropout,
+                                           cyclic=cfg.cyclic_calendar)
         self.decoder = Decoder(cfg.dec_layers, d, cfg.n_heads, cfg.d_ff, cfg.attn, cfg.factor,
                                cfg.dropout, seed + 100)
+        self.highway = nn.Linear(dims.input_len, dims.horizon) if cfg.highway else None
 
 
 def _check_config(cfg: SimMSTNetConfig, dims: DataDims) -> None:
@@ -89,11 +119,15 @@ def _check_config(cfg: SimMSTNetConfig, dims: DataDims) -> None:
         raise UserError(f"data sizes do not fit the model: {dims}")
     if dims.label_len > dims.input_len:
         raise UserError(f"label_len={dims.label_len} exceeds input_len={dims.input_len}")
+    if cfg.spatial_input not in ("patch", "centre"):
+        raise UserError(f"model option spatial_input must be 'patch' or 'centre', got {cfg.spatial_input!r}")
+    if cfg.fusion not in ("token", "shift"):
+        raise UserError(f"model option fusion must be 'token' or 'shift', got {cfg.fusion!r}")
     if cfg.spatial and (dims.patch < 1 or dims.patch % 2 == 0):
         raise UserError(f"the spatial branch needs an odd patch size, got patch={dims.patch}")
 
 
-@register_model("sim-mstnet", multitask=True, config=SimMSTNetConfig,
+@register_model("sim-mstnet", multitask=True, config=SimMSTNetConfig, norm="window",
                 description="Sim-MSTNet: per-service Informer encoders + CNN/attention spatial branch, "
                             "cross-task attention, per-service ProbSparse decoders")
 class SimMSTNet(nn.Module):
@@ -115,6 +149,7 @@ class SimMSTNet(nn.Module):
         self.spatial_interaction = (TaskInteraction(d, cfg.n_heads, cfg.dropout)
                                     if self.use_interaction and cfg.spatial else None)
         self.fuse = nn.Linear(2 * d if cfg.spatial else d, d)
+        set_prob_measure(self, cfg.prob_measure)
 
     def _check_batch(self, batch: dict) -> None:
         x = batch["x"]
@@ -152,7 +187,13 @@ class SimMSTNet(nn.Module):
             sequences.append(h)  # (B, T', d)
             temporal.append(task.pool(torch.cat([h[:, -1], h.mean(dim=1)], dim=-1)))  # (B, d)
             if task.spatial is not None:
-                spatial.append(task.spatial(batch["x_patch"][:, :, k], batch["patch_mask"][:, :, k]))
+                if cfg.spatial_input == "centre":  # control: the neighbours carry the centre's own series
+                    k2 = (dims.patch, dims.patch)
+                    patch = x[..., k][..., None, None].expand(b, dims.input_len, *k2)
+                    patch_mask = batch["x_mask"][..., k][..., None, None].expand(b, dims.input_len, *k2)
+                else:
+                    patch, patch_mask = batch["x_patch"][:, :, k], batch["patch_mask"][:, :, k]
+                spatial.append(task.spatial(patch, patch_mask))
         t = torch.stack(temporal, dim=1)  # (B, C, d)
         if self.temporal_interaction is not None:
             t = self.temporal_interaction(t)
@@ -167,13 +208,20 @@ class SimMSTNet(nn.Module):
         out = []
         for k, task in enumerate(self.tasks):
             z = task.mlp(fused[:, k])  # (B, d) interaction-aware task representation
-            memory = sequences[k] + z[:, None, :]
             dec = task.dec_embedding(torch.stack([dec_in[..., k], dec_known[..., k]], dim=-1), y_mark)
-            out.append(task.decoder(dec, memory)[:, -dims.horizon:])  # (B, H)
+            if cfg.fusion == "token":
+                memory = torch.cat([z[:, None, :], sequences[k]], dim=1)  # (B, 1 + T', d)
+                dec = dec + z[:, None, :]  # every query knows z too, and the residual carries it
+            else:
+                memory = sequences[k] + z[:, None, :]
+            forecast = task.decoder(dec, memory)[:, -dims.horizon:]  # (B, H)
+            if task.highway is not None:
+                forecast = forecast + task.highway(x[..., k] * x_mask[..., k])
+            out.append(forecast)
         return torch.stack(out, dim=-1)
 
 
-@register_model("stnet", multitask=False, config=SimMSTNetConfig,
+@register_model("stnet", multitask=False, config=SimMSTNetConfig, norm="window",
                 description="STNet (STNet-Sim2RealBO network): Sim-MSTNet with one service, no interaction")
 class STNet(SimMSTNet):
     """The single-task network: exactly one service per batch."""

@@ -54,6 +54,7 @@ from simmstnet.config import ExperimentConfig, config_to_dict, dump_config
 from simmstnet.data.grid import TrafficGrid
 from simmstnet.errors import UserError
 from simmstnet.eval.forecast import autocast, cell_series, evaluate, prepare_batch
+from simmstnet.eval.intervals import level_tag
 from simmstnet.eval.metrics import MASK_RULE
 from simmstnet.train import checkpoint as ckpt
 from simmstnet.train import distributed as D
@@ -266,6 +267,9 @@ class Trainer:
         return Path(D.broadcast(self.dist, out))
 
     def _check_folder(self) -> None:
+        from simmstnet.utils import check_output_folder
+
+        check_output_folder(self.out, "out")  # a file or an unwritable place: say so before the work
         last = self.out / ckpt.LAST
         if self.resume:
             if not last.is_file():
@@ -415,6 +419,8 @@ class Trainer:
         steps = D.all_reduce_min(info, steps)
         opt = make_optimizer(model.parameters(), tc)
         sched = make_scheduler(opt, tc, steps)
+        if hasattr(model, "schedule_for"):  # schedules that scale with the run (DCRNN's curriculum)
+            model.schedule_for(tc.epochs * steps)
         weighting = make_loss_weighting(tc.loss_weighting, len(services), beta=tc.weighting_beta,
                                         tau=tc.weighting_tau)
         if self.resume:
@@ -514,6 +520,8 @@ class Trainer:
                                    seed=tc.seed + 1) if real_ds is not None else None)
         opt = make_optimizer(model.parameters(), tc)
         sched = make_scheduler(opt, tc, steps)
+        if hasattr(model, "schedule_for"):  # schedules that scale with the run (DCRNN's curriculum)
+            model.schedule_for(tc.epochs * steps)
         weighting = make_loss_weighting(tc.loss_weighting, len(services), beta=tc.weighting_beta,
                                         tau=tc.weighting_tau)
         self._task_w = weighting.current()
@@ -757,10 +765,25 @@ class Trainer:
         model.load_state_dict(best["model"])
         eval_bs = tc.eval_batch_size or 4 * tc.batch_size
         t0 = time.perf_counter()
+        # Conformal calibration on the validation span, in the same pass as its metrics.
+        from simmstnet.eval.intervals import ScoreCollector, cell_scales, scale_range
+
+        g = self.data.grid
+        scale = cell_scales(g.values, g.mask, scale_range(g, self.data.ranges, cfg.data.input_len,
+                                                          cfg.data.train_days))
+        collector = ScoreCollector(scale, self.data.val.horizon, g.services)
         val = evaluate(model, self.data.val, eval_bs, device, tc.amp, tc.loss, progress=self.progress,
-                       desc="final validation")
+                       desc="final validation", collect=collector)
+        t_cal = time.perf_counter()
+        try:
+            cal = collector.fit(info={"calibrated_on": "val", "val_used_for_training": self.val_is_training})
+            cal.save(self.out / "calibration.npz")
+        except UserError as exc:
+            cal = None
+            self.log(f"no prediction intervals: {exc}")
+        cal_seconds = val.get("interval_seconds", 0.0) + time.perf_counter() - t_cal
         test = evaluate(model, self.data.test, eval_bs, device, tc.amp, tc.loss, progress=self.progress,
-                        desc="test")
+                        desc="test", intervals=cal)
         eval_seconds = time.perf_counter() - t0
         metrics = {
             "model": cfg.model.name,
@@ -777,6 +800,8 @@ class Trainer:
             "val": val["metrics"],
             "test": test["metrics"],
         }
+        if cal is not None:
+            metrics["intervals"] = interval_block(cal, test, cal_seconds, eval_seconds)
         if self.rw is not None:
             metrics["sim2real"] = self._sim2real_block()
             self._write_sim2real()
@@ -787,10 +812,46 @@ class Trainer:
         plot_loss_curves(self.history, list(self.data.grid.services), self.out / "loss_curves.png")
         plot_forecasts(model, self.data, self.out, batch_size=eval_bs, device=device, amp=tc.amp,
                        label=cfg.model.name)
+        if cal is not None:
+            from simmstnet.eval.maps import plot_cell_maps, plot_interval_cells, write_cell_table
+
+            write_cell_table(test["cells"], self.out / "cells.csv")
+            plot_cell_maps(test["cells"], self.out, g.meta, title=f"{cfg.model.name}, test span")
+            plot_interval_cells(model, self.data.test, cal, test["cells"],
+                                lambda s: self.out / f"forecast_cells_{s}.png", eval_bs, device, tc.amp,
+                                label=cfg.model.name)
+            iv = metrics["intervals"]["test"]["overall"]
+            self.log("test intervals: " + ", ".join(
+                f"{int(round(100 * lv))} % coverage {_fmt(iv[f'coverage_{level_tag(lv)}'])} width "
+                f"{_fmt(iv[f'width_{level_tag(lv)}'])}" for lv in cal.levels))
         t = test["metrics"]["overall"]
         self.log(f"test MAE {_fmt(t['mae'])} RMSE {_fmt(t['rmse'])} over {t['n_windows']} windows "
                  f"({t['n_observed']} observed targets); run folder {self.out}")
         return metrics
+
+
+def interval_block(cal, result: dict, cal_seconds: float, eval_seconds: float, span: str = "test") -> dict:
+    """metrics.json's ``intervals``: how they were made and their figures on ``span``."""
+    from simmstnet.eval.intervals import level_tag
+
+    method = result.get("interval_method", cal.method)
+    block = {
+        "method": method,
+        "levels": list(cal.levels),
+        "calibrated_on": cal.info.get("calibrated_on", "val"),
+        "score": "|y - p| / s(cell, service), s = mean |one-step change| over the scaler's fit range",
+        "n_calibration": {s: int(cal.n[:, c].sum()) for c, s in enumerate(cal.services)},
+        "calibration_seconds": round(cal_seconds, 4),
+        "interval_seconds": round(result.get("interval_seconds", 0.0), 4),
+        "share_of_eval_seconds": (round((cal_seconds + result.get("interval_seconds", 0.0)) / eval_seconds, 4)
+                                  if eval_seconds > 0 else None),
+        span: result["intervals"],
+    }
+    if cal.info.get("val_used_for_training"):
+        block["note"] = "validation windows were training data (sim2real.upper_data=val): coverage may be low"
+    if method == "aci":
+        block["gamma"] = cal.gamma
+    return block
 
 
 def plot_forecasts(model, data: RunData, out: Path, batch_size: int = 256, device="cpu", amp: bool = True,

@@ -37,7 +37,7 @@ from torch import nn
 from simmstnet.errors import UserError
 from simmstnet.models.baselines._temporal import check_batch, check_dims, check_options, decoder_inputs, \
     encoder_inputs, unfold_services
-from simmstnet.models.layers.attention import FullAttention, ProbSparseAttention
+from simmstnet.models.layers.attention import FullAttention, ProbSparseAttention, set_prob_measure
 from simmstnet.models.layers.decoder import Decoder
 from simmstnet.models.layers.embeddings import DataEmbedding
 from simmstnet.models.layers.encoder import Encoder
@@ -61,6 +61,9 @@ class InformerConfig:
     distil: bool = field(default=True, metadata={"help": "self-attention distilling: halve the steps between "
                                                          "encoder layers (Informer2020: on)"})
     seed: int = field(default=0, metadata={"help": "seed of the ProbSparse key sampling"})
+    prob_measure: str = field(default="reference", metadata={
+        "help": "ProbSparse query measure: reference (sampled scores' sum / L_K, as Informer2020's code) or "
+                "sample-mean (/ number of sampled keys, the paper's formula)"})
 
 
 @register_model("informer", multitask=False, config=InformerConfig,
@@ -89,6 +92,7 @@ class InformerForecaster(nn.Module):
             # Kernels hold no weights: swapping one keeps the layer's projections as they are.
             layer.self_attention.kernel = (ProbSparseAttention(cfg.factor, cfg.dropout, cfg.seed + 100 + i)
                                            if cfg.attn == "prob" else FullAttention(cfg.dropout))
+        set_prob_measure(self, cfg.prob_measure)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """x, x_mask: (B, L, C); x_mark: (B, L, F); dec_in: (B, S, C); y_mark: (B, S, F)

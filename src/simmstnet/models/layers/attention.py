@@ -40,15 +40,26 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
 
 
+MEASURES = ("sample-mean", "reference")
+
+
 def prob_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, factor: int,
                           generator: torch.Generator, causal: bool = False, dropout: float = 0.0,
-                          dense_sampling: bool | None = None) -> torch.Tensor:
+                          dense_sampling: bool | None = None, measure: str = "sample-mean") -> torch.Tensor:
     """ProbSparse attention. q: (B, h, L_Q, D); k, v: (B, h, L_K, D) -> (B, h, L_Q, D).
 
     ``generator`` (CPU) draws the key sample, shared over batch and heads as in Informer.
     ``dense_sampling`` forces the dense (True) or gathered (False) scoring of the sample; by
     default the dense path is used for short sequences. Both give the same result.
+
+    ``measure``, the query sparsity that picks the top-u queries, max over the sampled scores
+    minus their mean: ``sample-mean`` divides the sampled scores' sum by the number of sampled
+    keys (the paper's M-bar read on the sample); ``reference`` divides it by L_K, as the
+    Informer2020 code does (``Q_K_sample.sum(-1) / L_K``). The two pick different queries
+    whenever the sample is smaller than L_K.
     """
+    if measure not in MEASURES:
+        raise ValueError(f"unknown ProbSparse measure {measure!r}; use one of {MEASURES}")
     b, h, l_q, d = q.shape
     l_k = k.shape[-2]
     if causal and l_q != l_k:
@@ -74,7 +85,8 @@ def prob_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fac
         counts.scatter_add_(1, sample, torch.ones_like(sample, dtype=q.dtype))
         outside = torch.zeros_like(counts).masked_fill_(counts == 0, float("-inf"))
         measured = scores.detach()  # the measure only selects queries: no gradient through it
-        sparsity = (measured + outside).amax(-1) - (measured * (counts / n_sample)).sum(-1)  # (B, h, L_Q)
+        divisor = n_sample if measure == "sample-mean" else l_k
+        sparsity = (measured + outside).amax(-1) - (measured * (counts / divisor)).sum(-1)  # (B, h, L_Q)
         top = sparsity.topk(u, dim=-1, sorted=False).indices  # (B, h, u)
         selected = torch.zeros(b, h, l_q, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
         if causal:
@@ -88,7 +100,7 @@ def prob_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fac
     # Long sequences (Informer's path): score only the sampled keys, then only the top queries.
     k_sample = k[:, :, sample, :]  # (B, h, L_Q, U_part, D)
     sampled = torch.einsum("bhqd,bhqsd->bhqs", q.detach(), k_sample.detach()) * scale
-    sparsity = sampled.amax(-1) - sampled.mean(-1)  # (B, h, L_Q)
+    sparsity = sampled.amax(-1) - sampled.sum(-1) / (n_sample if measure == "sample-mean" else l_k)  # (B, h, L_Q)
     top = sparsity.topk(u, dim=-1, sorted=False).indices  # (B, h, u)
     q_top = q.gather(-2, top[..., None].expand(b, h, u, d))
     top_scores = torch.matmul(q_top, k.transpose(-2, -1)) * scale  # (B, h, u, L_K)
@@ -110,6 +122,7 @@ class ProbSparseAttention(nn.Module):
         self.factor = int(factor)
         self.dropout = float(dropout)
         self.seed = int(seed)
+        self.measure = "sample-mean"  # set by the model from its config (see prob_sparse_attention)
         self._train_generator: torch.Generator | None = None
 
     def reset_sampling(self, seed: int | None = None) -> None:
@@ -128,7 +141,7 @@ class ProbSparseAttention(nn.Module):
     def forward(self, q, k, v, causal: bool = False, generator: torch.Generator | None = None):
         """q: (B, h, L_Q, D); k, v: (B, h, L_K, D) -> (B, h, L_Q, D)."""
         return prob_sparse_attention(q, k, v, self.factor, generator or self._generator(), causal=causal,
-                                     dropout=self.dropout if self.training else 0.0)
+                                     dropout=self.dropout if self.training else 0.0, measure=self.measure)
 
 
 class FullAttention(nn.Module):
@@ -141,6 +154,17 @@ class FullAttention(nn.Module):
     def forward(self, q, k, v, causal: bool = False, generator: torch.Generator | None = None):
         """q: (B, h, L_Q, D); k, v: (B, h, L_K, D) -> (B, h, L_Q, D)."""
         return full_attention(q, k, v, causal=causal, dropout=self.dropout if self.training else 0.0)
+
+
+def set_prob_measure(model: nn.Module, measure: str) -> None:
+    """Set the sparsity measure of every ProbSparse kernel inside ``model``."""
+    if measure not in MEASURES:
+        from simmstnet.errors import UserError
+
+        raise UserError(f"model option prob_measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    for module in model.modules():
+        if isinstance(module, ProbSparseAttention):
+            module.measure = measure
 
 
 class AttentionLayer(nn.Module):

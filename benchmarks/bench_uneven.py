@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE,... extra Sim-MSTNet form")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE added to every learned run")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--collect-only", action="store_true", help="only tabulate the finished runs")
     args = ap.parse_args()
     methods = dict(METHODS)
     for text in args.variant:
@@ -201,6 +202,8 @@ def main() -> None:
                 seeds = list(range(args.seeds))
             for seed in seeds:
                 folder = out / grid / method / f"seed{seed}"
+                if args.collect_only and not (folder / "metrics.json").exists():
+                    continue
                 jobs.append({"grid": grid, "method": method, "seed": seed, "folder": str(folder),
                              "over": [f"data.path={path}", *PROTOCOL, *over, f"train.seed={seed}"],
                              "worker": args.jobs > 1})

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import run_one  # noqa: E402  (shared by the benchmark scripts)
 CSV = ROOT.parent / "shared" / "data" / "telecom-italia" / "milano-internet-r41-45-c41-45-10min-2013-11-01-to-21.csv"
 from simmstnet.train.sim2real import MODES as BASE_MODES  # off, mix, l2rw, bilevel
 
@@ -85,19 +86,6 @@ def prepare_inputs(out: Path, args) -> dict:
         g.save(paths["sim"])
     return paths
 
-
-def run_one(folder: Path, overrides: list[str]) -> dict:
-    from simmstnet.config import load_config
-    from simmstnet.train.trainer import Trainer
-
-    if (folder / "metrics.json").exists():
-        return json.loads((folder / "metrics.json").read_text())
-    if folder.exists():  # a killed run: start it again
-        import shutil
-
-        shutil.rmtree(folder)
-    cfg = load_config(None, [*overrides, f"out={folder}"])
-    return Trainer(cfg, progress=False, quiet=True).run()
 
 
 def epoch_seconds(folder: Path, skip: int) -> float | None:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import run_one  # noqa: E402  (shared by the benchmark scripts)
 CSV = ROOT.parent / "shared" / "data" / "telecom-italia" / "milano-internet-r41-45-c41-45-10min-2013-11-01-to-21.csv"
 
 PROTOCOL = ["data.input_len=6", "data.label_len=3", "data.horizon=3", "data.split=[0.8,0.1,0.1]",
@@ -125,17 +125,6 @@ def prepare_inputs(out: Path, grids: list[str]) -> dict[str, Path]:
         paths["uneven"] = p
     return paths
 
-
-def run_one(folder: Path, overrides: list[str]) -> dict:
-    from simmstnet.config import load_config
-    from simmstnet.train.trainer import Trainer
-
-    if (folder / "metrics.json").exists():
-        return json.loads((folder / "metrics.json").read_text())
-    if folder.exists():  # a killed run: start it again
-        shutil.rmtree(folder)
-    cfg = load_config(None, [*overrides, f"out={folder}"])
-    return Trainer(cfg, progress=False, quiet=True).run()
 
 
 def _job(job: dict) -> dict:

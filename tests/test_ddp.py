@@ -74,7 +74,10 @@ def test_two_ranks_see_disjoint_data_and_stay_in_step(tmp_path, test_model):
     # Only rank 0 wrote: one of each file and nothing else.
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["best.pt", "config.yaml", "forecast_call.png", "forecast_net.png", "forecast_sms.png",
-         "history.csv", "last.pt", "loss_curves.png", "metrics.json"])
+         "history.csv", "last.pt", "loss_curves.png", "metrics.json",
+         # prediction intervals and their maps (docs/intervals.md)
+         "calibration.npz", "cells.csv", *(f"{kind}_{s}.png" for kind in ("map", "forecast_cells")
+                                           for s in ("call", "net", "sms"))])
 
 
 @pytest.mark.slow

@@ -66,6 +66,14 @@ def forecast_batches(model, ds, indices: np.ndarray | None = None, batch_size: i
             yield batch, pred.float().cpu()
 
 
+def evaluation_subset(n: int, max_windows: int | None) -> np.ndarray | None:
+    """Window indices of a per-epoch validation subset: ``max_windows`` evenly spaced over the
+    dataset (every part of the span and every cell block is sampled), or None for all ``n``."""
+    if max_windows is None or max_windows >= n:
+        return None
+    return np.unique(np.linspace(0, n - 1, max_windows).round().astype(np.int64))
+
+
 def evaluate(model, ds, batch_size: int = 256, device: torch.device | str = "cpu", amp: bool = True,
              loss_kind: str = "mse", max_windows: int | None = None, progress: bool = False,
              desc: str = "evaluate", intervals=None, interval_method: str | None = None,
@@ -90,10 +98,7 @@ def evaluate(model, ds, batch_size: int = 256, device: torch.device | str = "cpu
         return _evaluate_with_intervals(model, ds, batch_size, device, amp, loss_kind, max_windows, progress,
                                         desc, intervals, interval_method, collect)
 
-    indices = None
-    if max_windows is not None and max_windows < len(ds):
-        # Evenly spaced over the dataset: every part of the span and every cell block is sampled.
-        indices = np.unique(np.linspace(0, len(ds) - 1, max_windows).round().astype(np.int64))
+    indices = evaluation_subset(len(ds), max_windows)
     acc = MetricAccumulator(ds.services, horizon=ds.horizon)
     loss_sum = torch.zeros(ds.n_services, dtype=torch.float64)
     loss_n = torch.zeros(ds.n_services, dtype=torch.float64)
@@ -114,9 +119,7 @@ def _evaluate_with_intervals(model, ds, batch_size, device, amp, loss_kind, max_
     from simmstnet.eval.intervals import AciBuffer, IntervalAccumulator, check_method
     from simmstnet.train.losses import masked_sample_losses
 
-    indices = None
-    if max_windows is not None and max_windows < len(ds):
-        indices = np.unique(np.linspace(0, len(ds) - 1, max_windows).round().astype(np.int64))
+    indices = evaluation_subset(len(ds), max_windows)
     acc = MetricAccumulator(ds.services, horizon=ds.horizon)
     loss_sum = torch.zeros(ds.n_services, dtype=torch.float64)
     loss_n = torch.zeros(ds.n_services, dtype=torch.float64)

@@ -38,17 +38,17 @@ STD_FLOOR = 1e-2
 
 
 def window_stats(values: torch.Tensor, observed: torch.Tensor, dim: int = 1,
-                 floor: float = STD_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
+                 floor: float = STD_FLOOR, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of ``values`` over ``dim``, counting only ``observed`` entries.
 
     values, observed: same shape; returns mean, std with ``dim`` kept (size 1), detached (the
-    statistics are data, not something the loss should move). Nothing observed -> mean 0, std
-    ``floor``."""
+    statistics are data, not something the loss should move); std = max(sqrt(var + eps), floor).
+    Nothing observed -> mean 0, std max(sqrt(eps), floor)."""
     obs = observed.to(values.dtype)
     count = obs.sum(dim, keepdim=True)
     mean = (values * obs).sum(dim, keepdim=True) / count.clamp_min(1.0)
     var = (((values - mean) * obs) ** 2).sum(dim, keepdim=True) / count.clamp_min(1.0)
-    std = torch.sqrt(var).clamp_min(floor)
+    std = torch.sqrt(var + eps).clamp_min(floor)
     return mean.detach(), std.detach()
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from simmstnet.errors import UserError
 from simmstnet.models.baselines._temporal import check_batch, check_dims, check_options
 from simmstnet.models.layers.encoder import Encoder
+from simmstnet.models.norm import window_stats
 from simmstnet.models.registry import DataDims, register_model
 
 # Added to the variance before the square root, as the reference does: a flat window does not
@@ -60,14 +61,11 @@ class ITransformerConfig:
 
 
 def masked_stats(values: torch.Tensor, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation over observed steps.
-
-    values, observed: (B, N, L) -> mean, std: (B, N, 1). A token with nothing observed gets mean 0
-    (the training mean) and std sqrt(NORM_EPS)."""
-    count = observed.sum(-1, keepdim=True).clamp_min(1.0)
-    mean = (values * observed).sum(-1, keepdim=True) / count
-    var = (((values - mean) * observed) ** 2).sum(-1, keepdim=True) / count
-    return mean.detach(), torch.sqrt(var + NORM_EPS).detach()
+    """Mean and standard deviation over observed steps (values, observed: (B, N, L) -> (B, N, 1));
+    a token with nothing observed gets mean 0 (the training mean) and std sqrt(NORM_EPS). The
+    reference's form of :func:`simmstnet.models.norm.window_stats` (eps added to the variance,
+    no floor)."""
+    return window_stats(values, observed, dim=-1, floor=0.0, eps=NORM_EPS)
 
 
 @register_model("itransformer", multitask=False, config=ITransformerConfig,

@@ -30,6 +30,7 @@ from torch import nn
 
 from simmstnet.errors import UserError
 from simmstnet.models.baselines.naive import last_observed
+from simmstnet.models.layers.embeddings import cyclic_marks
 from simmstnet.models.registry import DataDims, register_model
 
 
@@ -44,8 +45,9 @@ def ridge_features(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     day (calendar column 0, in [-0.5, 0.5]) and 1."""
     x = _filled(batch["x"], batch["x_mask"].bool())                     # (B, L, C)
     b, _, c = x.shape
-    angle = 2 * math.pi * (batch["x_mark"][:, -1, 0] + 0.5)              # (B,)
-    extra = torch.stack([angle.sin(), angle.cos(), torch.ones_like(angle)], dim=-1)  # (B, 3)
+    # the calendar's one definition of the time-of-day circle (sin, cos: the first two appended)
+    day = cyclic_marks(batch["x_mark"][:, -1])[:, -4:-2]                # (B, 2)
+    extra = torch.cat([day, torch.ones_like(day[:, :1])], dim=-1)       # (B, 3)
     return torch.cat([x.transpose(1, 2), extra[:, None, :].expand(b, c, 3).to(x.dtype)], dim=-1)
 
 

@@ -51,7 +51,7 @@ def test_table_methods_follow_the_registry():
     assert [m.key for m in B.table_methods("table2", reg)] == ["last-value", "ridge", "mttc", "cslsl", "sim-mstnet"]
     t3 = B.table_methods("table3", reg)
     assert [m.key for m in t3] == ["last-value", "ridge", "no-interaction", "no-spatial", "average-weighting",
-                                   "fusion-shift", "no-highway", "global-norm", "full"]
+                                   "fusion-shift", "no-highway", "no-season", "global-norm", "full"]
     assert t3[0].same_as == ("table2", "last-value") and t3[-1].same_as == ("table2", "sim-mstnet")
     assert t3[2].overrides == ["model.interaction=false"] and t3[4].overrides == ["train.loss_weighting=average"]
     with pytest.raises(UserError, match="unknown table"):

@@ -47,6 +47,10 @@ class DataConfig:
     label_len: int = _opt(12, "known steps at the head of the decoder input (<= input_len)")
     horizon: int = _opt(6, "H: forecast steps")
     patch: int = _opt(5, "k: side of the square neighbourhood patch around each cell (odd)")
+    season_days: Optional[int] = _opt(None, "seasonal history: give the model, for every input and forecast step, "
+                                      "the mean of the cell's values at the same time on each of the previous N "
+                                      "days (0 = off; null = the model's default: 7 for sim-mstnet and stnet, "
+                                      "0 for models that do not read it)")
     stride: int = _opt(1, "step between training window starts (validation and test always use 1)")
     split: list = _opt([0.7, 0.1, 0.2], "chronological split: three ratios summing to 1, or ISO dates "
                        "[val_start, test_start(, test_end)]")
@@ -292,6 +296,8 @@ def _validate(cfg: "ExperimentConfig") -> None:
             raise UserError(f"config key {key!r} must be at least 1, got {v}")
     if not 0 <= d.label_len <= d.input_len:
         raise UserError(f"config key 'data.label_len' must be in [0, data.input_len={d.input_len}], got {d.label_len}")
+    if d.season_days is not None and d.season_days < 0:
+        raise UserError(f"config key 'data.season_days' must be 0 (off) or a number of days, got {d.season_days}")
     if d.patch % 2 == 0:
         raise UserError(f"config key 'data.patch' must be odd (the cell sits at the centre), got {d.patch}")
     if d.train_days is not None and d.train_days < 1:

@@ -30,6 +30,8 @@ from simmstnet.data.scaling import Scaler
 from simmstnet.errors import UserError
 from simmstnet.utils import format_step
 
+DAY = 86400
+
 # Process the grid in time chunks when building the scaled copy, so temporaries stay small.
 _CHUNK_STEPS = 128
 
@@ -60,7 +62,8 @@ class WindowDataset:
     def __init__(self, grid, input_len: int = 24, label_len: int = 12, horizon: int = 6,
                  services: Sequence[str] | None = None, patch: int = 5, stride: int = 1,
                  scaler: Scaler | None = None, target_range: tuple[int, int] | None = None,
-                 cells: np.ndarray | None = None, skip_unobserved: bool = True) -> None:
+                 cells: np.ndarray | None = None, skip_unobserved: bool = True,
+                 season_days: int = 0, history_start: int = 0) -> None:
         T, Hg, Wg, _ = grid.shape
         for name, value, low in (("input_len", input_len, 1), ("horizon", horizon, 1),
                                  ("label_len", label_len, 0), ("patch", patch, 1), ("stride", stride, 1)):
@@ -70,6 +73,21 @@ class WindowDataset:
             raise UserError(f"label_len ({label_len}) cannot exceed input_len ({input_len})")
         if patch % 2 == 0:
             raise UserError(f"patch must be odd so that it is centred on the cell, got {patch}")
+        season_days = 0 if season_days is None else season_days  # a run saved before the option
+        if int(season_days) != season_days or season_days < 0:
+            raise UserError(f"season_days must be an integer >= 0, got {season_days!r}")
+        self.season_days = int(season_days)
+        self.per_day = 0
+        if self.season_days:
+            if grid.step <= 0 or DAY % int(grid.step):
+                raise UserError(f"data.season_days needs a grid step that divides a day, got "
+                                f"{format_step(grid.step)}")
+            self.per_day = DAY // int(grid.step)
+            if horizon > self.per_day:
+                raise UserError(f"data.season_days: the horizon ({horizon} steps) exceeds one day "
+                                f"({self.per_day} steps), so the same time one day earlier would lie "
+                                f"after the forecast origin")
+        self.history_start = max(int(history_start), 0)
         self.grid = grid
         self.input_len, self.label_len, self.horizon = int(input_len), int(label_len), int(horizon)
         self.patch, self.stride = int(patch), int(stride)
@@ -126,8 +144,12 @@ class WindowDataset:
         _, Hg, Wg, _ = grid.shape
         C, p = len(service_idx), self.patch // 2
         all_services = service_idx == list(range(grid.shape[3]))
-        # Only the time steps some window reads: [first start, last target] of this dataset.
+        # Only the time steps some window reads: [first start, last target] of this dataset,
+        # plus the season_days days before it that the seasonal history reads (never before
+        # history_start).
         t_lo = self._first_start
+        if self.season_days:
+            t_lo = min(t_lo, max(t_lo - self.season_days * self.per_day, self.history_start, 0))
         t_hi = self._first_start + (self.n_starts - 1) * self.stride + self.input_len + self.horizon
         self._t_offset = t_lo
         T = t_hi - t_lo
@@ -269,13 +291,37 @@ class WindowDataset:
             dec_in[:, :self.label_len] = x[:, L - self.label_len:]
         x_mark = self._marks[local[:, None] + torch.arange(L)]
         y_mark = self._marks[local[:, None] + (L - self.label_len) + torch.arange(S)]
-        return {
+        batch = {
             "x": x.contiguous(), "x_mask": x_mask.contiguous(),
             "x_patch": x_patch, "patch_mask": patch_mask,
             "x_mark": x_mark, "dec_in": dec_in, "y_mark": y_mark,
             "y": y, "y_raw": y_raw.to(torch.float32), "y_mask": y_mask,
             "index": idx.clone(),
         }
+        if self.season_days:
+            batch.update(self._season(local, centre, s_part))
+        return batch
+
+    def _season(self, local: torch.Tensor, centre: torch.Tensor, s_part: torch.Tensor) -> dict:
+        """Seasonal history of the centre cell: for every input and decoder step u, the mean of
+        the observed scaled values at u - d days, d = 1 .. season_days (never at or after the
+        forecast origin, since horizon <= one day; never before the copy's first step, which is
+        at or after ``history_start``)."""
+        L, H, P, C = self.input_len, self.horizon, self.season_days, self.n_services
+        B = local.shape[0]
+        _, Hp, Wp, _ = self._padded_shape
+        back = (local[:, None, None] + torch.arange(L + H).view(1, 1, -1)
+                - self.per_day * torch.arange(1, P + 1).view(1, P, 1))           # (B, P, L+H) in the copy
+        inside = back >= 0
+        flat = (back.clamp_min(0) * (Hp * Wp * C) + centre.view(B, 1, 1))[..., None] + s_part.view(1, 1, 1, C)
+        vals = self._scaled.index_select(0, flat.view(-1)).view(B, P, L + H, C)
+        ok = ~torch.isnan(vals) & inside[..., None]
+        count = ok.sum(1)
+        season = torch.where(ok, vals, torch.zeros_like(vals)).sum(1) / count.clamp_min(1)
+        known = count > 0                                                        # (B, L+H, C)
+        lo = L - self.label_len
+        return {"x_season": season[:, :L].contiguous(), "x_season_mask": known[:, :L].contiguous(),
+                "y_season": season[:, lo:].contiguous(), "y_season_mask": known[:, lo:].contiguous()}
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         """One window as numpy arrays without the batch dimension."""

@@ -118,6 +118,8 @@ def table_methods(table: str, registered: list[tuple[str, bool, str]] | None = N
                 Method("fusion-shift", "z added to every memory step (fusion=shift)", "sim-mstnet",
                        ["model.fusion=shift"]),
                 Method("no-highway", "w/o linear highway", "sim-mstnet", ["model.highway=false"]),
+                Method("no-season", "w/o seasonal history (data.season_days=0)", "sim-mstnet",
+                       ["data.season_days=0"]),
                 Method("global-norm", "global scaling only (norm=none)", "sim-mstnet", ["model.norm=none"]),
                 Method("full", "Sim-MSTNet (full)", "sim-mstnet", same_as=("table2", "sim-mstnet"))]
     raise UserError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
@@ -222,6 +224,18 @@ def _config_key(cfg) -> dict:
     return d
 
 
+def _season_key(cfg, stored: bool) -> int:
+    """data.season_days as a run used it: a stored null is a run from before the option (0); a
+    null in a new config is the model's default (the grid-step exception aside)."""
+    from simmstnet.models.registry import SEASON_DAYS_AUTO, _entry
+
+    if cfg.data.season_days is not None:
+        return int(cfg.data.season_days)
+    if stored:
+        return 0
+    return SEASON_DAYS_AUTO if getattr(_entry(cfg.model.name).cls, "reads_season", False) else 0
+
+
 def _finished(folder: Path) -> dict | None:
     f = folder / "metrics.json"
     if not f.is_file():
@@ -240,7 +254,9 @@ def _same_config(folder: Path, cfg) -> bool:
         other = load_config(folder / "config.yaml", check_model=False)
     except UserError:
         return False
-    return _config_key(other) == _config_key(cfg)
+    a, b = _config_key(other), _config_key(cfg)
+    a["data"]["season_days"], b["data"]["season_days"] = _season_key(other, True), _season_key(cfg, False)
+    return a == b
 
 
 class Bench:
@@ -391,6 +407,15 @@ class Bench:
                 f"- units: {proto.get('units')}",
                 f"- mask rule: {proto.get('mask_rule')}",
             ]
+            seasonal = sorted({m for m, runs in results.items() for r in runs if r.metrics is not None
+                               and (r.metrics.get("protocol") or {}).get("season_days")})
+            if seasonal:
+                days = sorted({r.metrics["protocol"]["season_days"] for m in seasonal for r in results[m]
+                               if r.metrics is not None and r.metrics["protocol"].get("season_days")})
+                lines.append(f"- seasonal history (data.season_days = {', '.join(map(str, days))}): "
+                             f"{', '.join(seasonal)} also read each cell's values at the same time on the "
+                             f"previous days (the history-based references read the training span or the "
+                             f"days before each origin; every other network sees its input window only)")
         else:
             lines.append("- no run finished: the protocol could not be read from a metrics.json")
         lines += [
@@ -657,7 +682,7 @@ def _test_dataset(run):
     grid = load_grid(d.path, list(run.services), d.step, what=f"{run.folder}: data.path")
     target = split_ranges(grid, d.split, d.input_len, d.horizon, train_days=d.train_days)["test"]
     ds = WindowDataset(grid, input_len=d.input_len, label_len=d.label_len, horizon=d.horizon, patch=d.patch,
-                       scaler=run.scaler, target_range=target)
+                       scaler=run.scaler, target_range=target, season_days=d.season_days)
     return grid, ds
 
 

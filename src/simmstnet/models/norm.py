@@ -15,6 +15,8 @@ steps (unobserved steps are 0 in the batch and must not pull the mean down):
 - ``mean``, ``std`` over the observed steps of ``x`` (``std`` floored, see ``STD_FLOOR``);
 - ``x`` and the known (label) part of ``dec_in`` become ``(v - mean) / std`` where observed, 0
   elsewhere; the unknown horizon part of ``dec_in`` stays 0, which now means "the window mean";
+- the seasonal history (``x_season``, ``y_season``, data.season_days > 0) is normalized with the
+  centre's statistics too, where known (it is the same cell's series, days earlier);
 - each cell of the neighbourhood patch ``x_patch`` is normalized by *its own* window statistics
   (a neighbour 100x busier than the centre must not dominate the spatial branch; what the
   spatial branch should read from a neighbour is how its series moves, not its level);
@@ -67,6 +69,10 @@ def normalize_batch(batch: dict[str, torch.Tensor], label_len: int, floor: float
         if label_len > 0:
             known[:, :label_len] = x_mask[:, x.shape[1] - label_len:]
         out["dec_in"] = torch.where(known, (dec_in - mean) / std, torch.zeros_like(dec_in))
+    for key in ("x_season", "y_season"):                                   # seasonal history
+        if key in batch and key + "_mask" in batch:
+            known = batch[key + "_mask"]
+            out[key] = torch.where(known, (batch[key] - mean) / std, torch.zeros_like(batch[key]))
     if "x_patch" in batch and "patch_mask" in batch:
         patch, pmask = batch["x_patch"], batch["patch_mask"]                  # (B, L, C, k, k)
         pmean, pstd = window_stats(patch, pmask, dim=1, floor=floor)

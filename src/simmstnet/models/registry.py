@@ -43,13 +43,14 @@ class DataDims:
     horizon: int  # H: forecast steps
     patch: int  # k: side of the square neighbourhood patch (odd)
     n_marks: int = 5  # F: calendar features per step
+    season_days: int = 0  # > 0: batches carry the seasonal history (x_season, y_season, masks)
 
     @classmethod
     def from_dataset(cls, ds: Any) -> "DataDims":
         """Read the sizes off a ``WindowDataset`` (attributes per docs/contracts.md)."""
         return cls(n_services=int(ds.n_services), input_len=int(ds.input_len),
                    label_len=int(ds.label_len), horizon=int(ds.horizon), patch=int(ds.patch),
-                   n_marks=int(ds.n_marks))
+                   n_marks=int(ds.n_marks), season_days=int(getattr(ds, "season_days", 0)))
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,23 @@ def build_config(name: str, **overrides: Any) -> Any:
     return dataclasses.replace(defaults, **values)
 
 
+# What data.season_days=null means for a model that reads the seasonal history: one week of days.
+SEASON_DAYS_AUTO = 7
+
+
+def resolve_season_days(name: str, requested: int | None, step: int, horizon: int) -> int:
+    """``data.season_days`` for model ``name``: ``requested`` when set; else (null) SEASON_DAYS_AUTO
+    for models that read it, when the grid step divides a day and the horizon is at most a day,
+    and 0 otherwise."""
+    if requested is not None:
+        return int(requested)
+    if not getattr(_entry(name).cls, "reads_season", False):
+        return 0
+    if step <= 0 or 86400 % step or horizon > 86400 // step:
+        return 0
+    return SEASON_DAYS_AUTO
+
+
 def build_model(name: str, dims: DataDims, **overrides: Any):
     """Instantiate model ``name`` for data of size ``dims``; ``overrides`` set config fields.
 
@@ -212,6 +230,9 @@ def build_model(name: str, dims: DataDims, **overrides: Any):
     norm = resolve_norm(name, overrides.pop("norm", "auto"))
     cfg = build_config(name, **overrides)
     model = entry.cls(dims) if entry.config is None else entry.cls(dims, cfg)
+    if dims.season_days and not getattr(model, "reads_season", False):
+        raise UserError(f"model {name!r} does not read the seasonal history: set data.season_days=0 "
+                        f"for it (models that read it: sim-mstnet, stnet)")
     if norm == "window" and hasattr(model, "fit"):
         raise UserError(f"model {name!r} is fitted on the globally scaled training data: model.norm=window "
                         f"does not apply to it (use model.norm=none)")

@@ -79,6 +79,9 @@ class SimMSTNetConfig:
                 "token) or shift (added to every encoder step, the paper's reading)"})
     highway: bool = field(default=True, metadata={
         "help": "add a linear autoregressive map of the task's inputs to the forecast (LSTNet)"})
+    highway_init: str = field(default="uniform", metadata={
+        "help": "initial highway weights: uniform (PyTorch's Linear default) or zero (the forecast starts "
+                "as the decoder's alone and the linear part grows as it helps)"})
     cyclic_calendar: bool = field(default=True, metadata={
         "help": "sin/cos of the time of day and week beside the raw calendar marks"})
 
@@ -89,7 +92,10 @@ class _TaskModules(nn.Module):
     def __init__(self, dims: DataDims, cfg: SimMSTNetConfig, seed: int):
         super().__init__()
         d = cfg.d_model
-        self.enc_embedding = DataEmbedding(2, dims.n_marks, d, dims.input_len, cfg.dropout,
+        # With seasonal history (data.season_days > 0) each step also carries the cell's mean at
+        # the same time on the previous days and whether any of those days was observed.
+        c_in = 4 if dims.season_days else 2
+        self.enc_embedding = DataEmbedding(c_in, dims.n_marks, d, dims.input_len, cfg.dropout,
                                            cyclic=cfg.cyclic_calendar)
         self.encoder = Encoder(cfg.enc_layers, d, cfg.n_heads, cfg.d_ff, cfg.enc_attn, cfg.factor,
                                cfg.dropout, cfg.distil, seed)
@@ -97,11 +103,17 @@ class _TaskModules(nn.Module):
         self.spatial = (SpatialBranch(dims.input_len, dims.patch, d, cfg.n_heads, cfg.dropout)
                         if cfg.spatial else None)
         self.mlp = FeedForward(d, cfg.d_ff, cfg.dropout)
-        self.dec_embedding = DataEmbedding(2, dims.n_marks, d, dims.label_len + dims.horizon, cfg.dropout,
+        self.dec_embedding = DataEmbedding(c_in, dims.n_marks, d, dims.label_len + dims.horizon, cfg.dropout,
                                            cyclic=cfg.cyclic_calendar)
         self.decoder = Decoder(cfg.dec_layers, d, cfg.n_heads, cfg.d_ff, cfg.attn, cfg.factor,
                                cfg.dropout, seed + 100)
-        self.highway = nn.Linear(dims.input_len, dims.horizon) if cfg.highway else None
+        # The highway reads the task's inputs and, with seasonal history, the seasonal means of the
+        # horizon steps too (a linear autoregression plus a seasonal term).
+        n_lin = dims.input_len + (dims.horizon if dims.season_days else 0)
+        self.highway = nn.Linear(n_lin, dims.horizon) if cfg.highway else None
+        if self.highway is not None and cfg.highway_init == "zero":
+            nn.init.zeros_(self.highway.weight)
+            nn.init.zeros_(self.highway.bias)
 
 
 def _check_config(cfg: SimMSTNetConfig, dims: DataDims) -> None:
@@ -121,6 +133,8 @@ def _check_config(cfg: SimMSTNetConfig, dims: DataDims) -> None:
         raise UserError(f"label_len={dims.label_len} exceeds input_len={dims.input_len}")
     if cfg.spatial_input not in ("patch", "centre"):
         raise UserError(f"model option spatial_input must be 'patch' or 'centre', got {cfg.spatial_input!r}")
+    if cfg.highway_init not in ("uniform", "zero"):
+        raise UserError(f"model option highway_init must be 'uniform' or 'zero', got {cfg.highway_init!r}")
     if cfg.fusion not in ("token", "shift"):
         raise UserError(f"model option fusion must be 'token' or 'shift', got {cfg.fusion!r}")
     if cfg.spatial and (dims.patch < 1 or dims.patch % 2 == 0):
@@ -134,6 +148,7 @@ class SimMSTNet(nn.Module):
     """Multi-task Sim-MSTNet; with ``dims.n_services == 1`` it is the single-task network."""
 
     config_class = SimMSTNetConfig
+    reads_season = True  # uses x_season / y_season when data.season_days > 0
 
     def __init__(self, dims: DataDims, config: SimMSTNetConfig | None = None):
         super().__init__()
@@ -162,6 +177,12 @@ class SimMSTNet(nn.Module):
         if tuple(batch["dec_in"].shape[1:]) != (s, dims.n_services):
             raise UserError(f"batch dec_in has shape {tuple(batch['dec_in'].shape)}, the model was built "
                             f"for (B, {s}, {dims.n_services}) (label_len + horizon, services)")
+        if dims.season_days:
+            for key, n in (("x_season", dims.input_len), ("y_season", s)):
+                if key not in batch or tuple(batch[key].shape[1:]) != (n, dims.n_services):
+                    raise UserError(f"the model was built for seasonal history (data.season_days="
+                                    f"{dims.season_days}); batch key {key} of shape (B, {n}, "
+                                    f"{dims.n_services}) is missing or has another shape")
         if self.config.spatial:
             k = dims.patch
             if tuple(batch["x_patch"].shape[1:]) != (dims.input_len, dims.n_services, k, k):
@@ -181,9 +202,15 @@ class SimMSTNet(nn.Module):
         dec_known = torch.cat([x_mask[:, dims.input_len - dims.label_len:],
                                x.new_zeros(b, dims.horizon, dims.n_services)], dim=1)
 
+        season = dims.season_days > 0
+        if season:
+            xs, xs_mask = batch["x_season"], batch["x_season_mask"].to(x.dtype)
+            ys, ys_mask = batch["y_season"], batch["y_season_mask"].to(x.dtype)
+
         sequences, temporal, spatial = [], [], []
         for k, task in enumerate(self.tasks):
-            h = task.encoder(task.enc_embedding(torch.stack([x[..., k], x_mask[..., k]], dim=-1), x_mark))
+            enc_in = [x[..., k], x_mask[..., k]] + ([xs[..., k], xs_mask[..., k]] if season else [])
+            h = task.encoder(task.enc_embedding(torch.stack(enc_in, dim=-1), x_mark))
             sequences.append(h)  # (B, T', d)
             temporal.append(task.pool(torch.cat([h[:, -1], h.mean(dim=1)], dim=-1)))  # (B, d)
             if task.spatial is not None:
@@ -208,7 +235,8 @@ class SimMSTNet(nn.Module):
         out = []
         for k, task in enumerate(self.tasks):
             z = task.mlp(fused[:, k])  # (B, d) interaction-aware task representation
-            dec = task.dec_embedding(torch.stack([dec_in[..., k], dec_known[..., k]], dim=-1), y_mark)
+            dec_parts = [dec_in[..., k], dec_known[..., k]] + ([ys[..., k], ys_mask[..., k]] if season else [])
+            dec = task.dec_embedding(torch.stack(dec_parts, dim=-1), y_mark)
             if cfg.fusion == "token":
                 memory = torch.cat([z[:, None, :], sequences[k]], dim=1)  # (B, 1 + T', d)
                 dec = dec + z[:, None, :]  # every query knows z too, and the residual carries it
@@ -216,7 +244,10 @@ class SimMSTNet(nn.Module):
                 memory = sequences[k] + z[:, None, :]
             forecast = task.decoder(dec, memory)[:, -dims.horizon:]  # (B, H)
             if task.highway is not None:
-                forecast = forecast + task.highway(x[..., k] * x_mask[..., k])
+                lin = x[..., k] * x_mask[..., k]
+                if season:
+                    lin = torch.cat([lin, (ys[..., k] * ys_mask[..., k])[:, -dims.horizon:]], dim=-1)
+                forecast = forecast + task.highway(lin)
             out.append(forecast)
         return torch.stack(out, dim=-1)
 

@@ -127,10 +127,18 @@ def prepare_data(cfg: ExperimentConfig, grid: TrafficGrid | None = None,
     else:
         ranges = split_ranges(grid, d.split, d.input_len, d.horizon, train_days=d.train_days)
         fit_range = data_range(ranges["train"], d.input_len)
+    # The seasonal history's length, resolved for the model (null = its default); written back so
+    # the run's config.yaml, and every later evaluate/predict, uses the same value.
+    from simmstnet.models.registry import resolve_season_days
+
+    d.season_days = resolve_season_days(cfg.model.name, d.season_days, int(grid.step), d.horizon)
     # Only data the training windows can read (inputs included) informs the scaler.
     scaler = Scaler.fit(grid, fit_range, kind=d.scaler)
+    # The seasonal history never reads before the data the scaler may read (under the scarce-data
+    # protocol, the days before the last D are not there to read).
     common = dict(input_len=d.input_len, label_len=d.label_len, horizon=d.horizon, patch=d.patch,
-                  scaler=scaler)
+                  scaler=scaler, season_days=d.season_days,
+                  history_start=fit_range[0] if d.train_days is not None else 0)
     train = (WindowDataset(grid, stride=d.stride, target_range=ranges["train"], **common)
              if ranges["train"] is not None else None)
     val = WindowDataset(grid, target_range=ranges["val"], **common)
@@ -160,6 +168,7 @@ def protocol(cfg: ExperimentConfig, data: RunData) -> dict:
         "units": "original (inverse-scaled forecasts against the raw target)",
         "mask_rule": MASK_RULE,
         "train_days": cfg.data.train_days,
+        "season_days": cfg.data.season_days,
         "scaler": f"{cfg.data.scaler}, fitted on observed training values only",
         "windows": {"train": len(data.train) if data.train is not None else 0, "val": len(data.val),
                     "test": len(data.test)},
@@ -381,7 +390,7 @@ class Trainer:
         self.sim = build_sim_windows(s2r.sim_data, data.grid.services, data.grid.step, d.input_len,
                                      d.label_len, d.horizon, d.patch, stride=s2r.sim_stride or d.stride,
                                      scaler_kind=d.scaler, max_windows=s2r.max_sim_windows,
-                                     seed=cfg.train.seed)
+                                     seed=cfg.train.seed, season_days=d.season_days)
         self.log(f"sim2real {s2r.mode}: {len(self.sim)} simulated windows (of {self.sim.n_available}) "
                  f"from {self.sim.n_scenarios} scenario(s); real windows for it: "
                  f"{len(self.real_upper) if self.real_upper is not None else 0} ({s2r.upper_data})"

@@ -254,3 +254,22 @@ def test_window_norm_reaches_targets_far_above_the_global_scale():
         results[norm] = float((model(batch) - batch["y"]).abs().mean().detach())
     assert results["window"] < 0.3, results      # the daily cycle's amplitude is about 1
     assert results["none"] > 3 * results["window"], results
+
+
+def test_zero_initialized_highway_adds_nothing_until_it_trains():
+    """highway_init=zero (default): at initialization the forecast is the decoder's alone, so the
+    linear part only grows as far as the gradient finds it useful (uniform init starts it as noise)."""
+    dims = _dims(2, patch=3)
+    batch = fake_batch(dims, 6, seed=2)
+    outs = {}
+    for init in ("zero", "uniform"):
+        torch.manual_seed(0)
+        model = build_model("sim-mstnet", dims, **SMALL, dropout=0.0, highway_init=init).eval()
+        with torch.no_grad():
+            outs[init] = model(batch)
+            for task in model.model.tasks:      # the same network without its highway
+                task.highway = None
+            outs[init, None] = model(batch)
+    assert SimMSTNetConfig().highway_init == "zero"
+    torch.testing.assert_close(outs["zero"], outs["zero", None])
+    assert (outs["uniform"] - outs["uniform", None]).abs().max() > 1e-3

@@ -66,6 +66,9 @@ NAIVE = ("last-value", "seasonal-naive-day", "seasonal-naive-week", "historical-
 LINEAR = ("ridge", "nlinear", "dlinear")
 # The classical statistical reference (statsforecast MSTL profile + AutoETS level, per series).
 CLASSICAL = ("mstl",)
+# References whose forecast does not depend on the seed (no random initialization, no sampling):
+# trained once, at seed 0, and that run stands for every seed of the table.
+DETERMINISTIC = (*NAIVE, "ridge", *CLASSICAL)
 MULTI_SERVICES = ("call", "sms", "net")
 # Shipped profiles live inside the package, so an installed (non-editable) package has them too.
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -326,6 +329,12 @@ class Bench:
             warn = "" if _same_config(folder, cfg) else " WARNING: its config differs from this invocation's"
             self.log(f"{where}: reused finished run {folder}{warn} (elapsed {self.elapsed()})")
             return RunResult(method.key, seed, folder, "reused", done)
+        if seed > 0 and method.model in DETERMINISTIC and not method.overrides:
+            first = self.run_one(table, method, 0)
+            if first.status != "n/a":
+                self.log(f"{where}: the seed-0 run stands for it ({method.key} does not depend on the seed)")
+                return RunResult(method.key, seed, first.folder, "reused", first.metrics)
+            return RunResult(method.key, seed, first.folder, "n/a", None, first.reason)
         if method.same_as is not None:
             other = self.out / method.same_as[0] / method.same_as[1] / f"seed{seed}"
             done = _finished(other)
@@ -392,8 +401,10 @@ class Bench:
                     break
             if proto:
                 break
+        # Each run folder once (a deterministic reference's seed-0 run stands for every seed).
+        unique = {r.folder: r for runs in results.values() for r in runs if r.metrics is not None}
         compute = sum(float(r.metrics.get("train_seconds") or 0) + float(r.metrics.get("eval_seconds") or 0)
-                      for runs in results.values() for r in runs if r.metrics is not None)
+                      for r in unique.values())
         lines = [f"- data: `{self.data}`" + (f"; simulated source: `{self.sim}`" if self.sim else "")]
         if proto:
             sr = proto.get("split_ranges", {})

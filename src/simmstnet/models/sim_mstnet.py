@@ -79,7 +79,7 @@ class SimMSTNetConfig:
                 "token) or shift (added to every encoder step, the paper's reading)"})
     highway: bool = field(default=True, metadata={
         "help": "add a linear autoregressive map of the task's inputs to the forecast (LSTNet)"})
-    highway_init: str = field(default="uniform", metadata={
+    highway_init: str = field(default="zero", metadata={
         "help": "initial highway weights: uniform (PyTorch's Linear default) or zero (the forecast starts "
                 "as the decoder's alone and the linear part grows as it helps)"})
     cyclic_calendar: bool = field(default=True, metadata={

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import run_one  # noqa: E402  (shared by the benchmark scripts)
 CSV = ROOT.parent / "shared" / "data" / "telecom-italia" / "milano-internet-r41-45-c41-45-10min-2013-11-01-to-21.csv"
-from simmstnet.train.sim2real import MODES as BASE_MODES  # off, mix, l2rw, bilevel
+from simmstnet.train.sim2real import MODES as BASE_MODES  # off, mix, l2rw, bilevel, finetune
 
 DEFAULT_MODES = (*BASE_MODES, "bilevel-scen", "bilevel-paper")
 # bilevel: the defaults (lower_coef 1, eps_factor 2; see the sim2real module docstring, points 5-6);
@@ -191,9 +191,10 @@ def main() -> None:
                     over = [*base, *small, f"train.device={args.device}", f"data.train_days={d}",
                             f"train.seed={seed}", f"sim2real.mode={real_mode}", *variant]
                     note = ""
+                    # off reads the simulated pool too: it sets the step budget, the same for every mode
+                    over += [f"sim2real.sim_data={paths['sources']}", f"sim2real.max_sim_windows={args.max_sim}"]
                     if real_mode != "off":
-                        over += [f"sim2real.sim_data={paths['sources']}", f"sim2real.max_sim_windows={args.max_sim}",
-                                 *args.extra]
+                        over += [*args.extra]
                         if d * 24 < 24 + 6:
                             over.append("sim2real.upper_data=val")
                             note = "real windows from val"

@@ -425,3 +425,32 @@ def test_second_order_attention_selects_the_math_kernel_on_cuda(monkeypatch):
         seen.clear()
         rw.step(sim, real)
         assert seen == ["cpu"] * forwards, (mode, seen)
+
+
+def test_mix_real_share_weights_the_two_means():
+    sim, _, real, _ = toy_data(0, n_sim=20, n_real=6)
+    for r in (0.0, 0.3, 1.0):
+        torch.manual_seed(0)
+        model = Linear(5)
+        rw = make_reweighter(Sim2RealConfig(mode="mix", real_share=r), model, 20, sq_loss)
+        rw.step(sim, real)
+        got = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ((1 - r) * sq_loss(model(sim), sim).mean() + r * sq_loss(model(real), real).mean()).backward()
+        for a, b in zip(got, model.parameters()):
+            torch.testing.assert_close(a, b.grad)
+
+
+def test_a_warm_start_as_long_as_the_run_is_shortened():
+    cfg = Sim2RealConfig(mode="bilevel", warm_start_epochs=1)  # the defaults, one-epoch run
+    rw = BilevelReweighter(Linear(5), 10, cfg, sq_loss, steps_per_epoch=10, total_steps=10)
+    assert (rw.T0, rw.T1) == (4, 8) and "shortened to 4" in rw.note
+    # a run of one step still reweights it
+    rw = BilevelReweighter(Linear(5), 10, cfg, sq_loss, steps_per_epoch=1, total_steps=1)
+    assert (rw.T0, rw.T1) == (0, 1) and rw.phase(0) == "phase1"
+    # the toy run of one epoch gets past the warm start and calibrates eps
+    _, rw, _, diags = train("bilevel", 0, epochs=1, warm_start_epochs=1)
+    assert [d["phase"] for d in diags].count("warm") == rw.T0 > 0 and rw.eps is not None
+    # a run long enough for its warm start is unchanged
+    rw = BilevelReweighter(Linear(5), 10, cfg, sq_loss, steps_per_epoch=10, total_steps=20)
+    assert (rw.T0, rw.T1, rw.note) == (10, 16, None)

@@ -1,6 +1,7 @@
 """Sim2real in the trainer: every mode from the CLI, the simulated window set, resume, errors."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -226,3 +227,88 @@ def test_lower_coef_adds_the_weighted_sim_gradient():
     want = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
     assert torch.allclose(grads[2.0] - grads[0.0], 2.0 * want, atol=1e-6)
     assert not torch.allclose(grads[0.0], grads[2.0])
+
+
+MODES = ("off", "mix", "l2rw", "bilevel", "finetune")
+
+
+@pytest.mark.parametrize("budget, per_epoch", [([], 2), (["sim2real.steps_per_epoch=3"], 3)])
+def test_every_mode_takes_the_same_optimizer_steps(files, tmp_path, budget, per_epoch):
+    """One step budget for every mode: off's real loader (~27 batches) does not set it."""
+    counts = {}
+    for mode in MODES:
+        seen = []
+        cfg = load_config(None, [*BASE, f"data.path={files['real']}", f"sim2real.sim_data={files['sim']}",
+                                 f"sim2real.mode={mode}", "sim2real.max_sim_windows=128", "train.epochs=2",
+                                 "train.patience=0", "sim2real.finetune_patience=0", *budget,
+                                 f"out={tmp_path / mode}"])
+        m = Trainer(cfg, progress=False, quiet=True, hooks=Hooks(on_batch=lambda r, b: seen.append(r))).run()
+        rows = (tmp_path / mode / "history.csv").read_text().strip().splitlines()
+        steps_col = rows[0].split(",").index("steps")
+        counts[mode] = (len(seen), m["optimizer_steps"], [int(r.split(",")[steps_col]) for r in rows[1:]])
+        assert m["protocol"]["windows"]["train"] > 4 * per_epoch * 64  # one pass of off would be longer
+    assert counts == {mode: (2 * per_epoch, 2 * per_epoch, [per_epoch] * 2) for mode in MODES}
+
+
+def test_finetune_trains_from_the_cli_and_keeps_the_best_held_out_model(files, tmp_path):
+    from simmstnet.eval.forecast import evaluate
+    from simmstnet.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "ft"
+    cfg = load_config(None, [*BASE, f"data.path={files['real']}", f"sim2real.sim_data={files['sim']}",
+                             "sim2real.mode=finetune", "train.epochs=2", "train.lr_schedule=constant",
+                             "sim2real.finetune_lr_factor=0.2", "sim2real.finetune_patience=0",
+                             "sim2real.finetune_l2sp=0.01", "sim2real.real_batch_size=512", f"out={out}"])
+    seen = []
+
+    def spoil_the_last_step(rank, batch):
+        # before the last of 16 steps the weights are wrecked: the last held-out check is the worst,
+        # so the run must end with the parameters of an earlier check
+        seen.append(rank)
+        if len(seen) == 16:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.add_(torch.randn_like(p) * 3.0)
+
+    trainer = Trainer(cfg, progress=False, quiet=True, hooks=Hooks(on_batch=spoil_the_last_step))
+    m = trainer.run()
+    ft = m["sim2real"]["finetune"]
+    assert m["sim2real"]["mode"] == "finetune" and ft["pretrain_steps"] == 8  # half of 2 x 512 / 64
+    # ~1,300 fine-tuning windows in batches of 512: checks after fine-tuning steps 3, 6 and 8
+    assert ft["checks"] == 3 and not ft["stopped_early"] and ft["best_step"] < 16
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert float(rows[0]["lr"]) == pytest.approx(3e-3 * 0.2)  # the first fine-tuning lr (step 8)
+    assert float(rows[1]["lr"]) == pytest.approx(3e-3 * 0.2)
+    # the held-out windows come after every fine-tuning window and are not trained on
+    real = trainer.data.train
+    lo, hi = real.target_range
+    h_lo, h_hi = ft["holdout_target_steps"]
+    assert h_hi == hi and lo < h_lo < hi and ft["n_holdout_windows"] == len(trainer.holdout)
+    # the model kept (best.pt) is the best one on the held-out slice
+    model = trainer.model
+    model.load_state_dict(load_checkpoint(out / "best.pt", map_location="cpu")["model"])
+    again = evaluate(model, trainer.holdout, 256, "cpu", False, "mae", progress=False)
+    assert again["metrics"]["overall"]["mae"] == pytest.approx(ft["best_holdout_mae"], rel=1e-5)
+    assert m["best_epoch"] == 2  # validation picks no epoch: the last one is kept
+
+
+def test_a_one_epoch_bilevel_run_shortens_its_warm_start(files, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(_args(files, out, "sim2real.mode=bilevel", "train.epochs=1")) == 0
+    err = capsys.readouterr().err
+    assert "shortened to 3 iterations" in err  # 8 steps, t1 = 0.8: the switch at 6, warm start 3
+    hist = (out / "sim2real_history.csv").read_text()
+    assert json.loads((out / "metrics.json").read_text())["sim2real"]["eps"] > 0
+    assert "h" in hist.splitlines()[0].split(",")
+
+
+def test_real_share_needs_mix_and_real_windows(files, tmp_path, capsys):
+    with pytest.raises(UserError, match="sim2real.real_share"):
+        load_config(None, ["sim2real.mode=bilevel", "sim2real.real_share=0.3"])
+    with pytest.raises(UserError, match="sim2real.real_share"):
+        load_config(None, ["sim2real.mode=mix", "sim2real.real_share=1.5"])
+    scarce = ["data.input_len=24", "data.label_len=6", "data.train_days=1", "train.epochs=1"]
+    assert main(_args(files, tmp_path / "rs", "sim2real.mode=mix", "sim2real.real_share=0.5", *scarce)) == 2
+    assert "sim2real.real_share" in capsys.readouterr().err
+    assert main(_args(files, tmp_path / "ft", "sim2real.mode=finetune", *scarce)) == 2
+    assert "fine-tune on" in capsys.readouterr().err

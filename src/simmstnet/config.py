@@ -101,9 +101,9 @@ class TrainConfig:
 # the one-line help texts live here (the dataclass documents its fields as comments).
 _S2R_DATA_KEYS: list[tuple[str, Any, Any, str, tuple | None]] = [
     ("mode", str, "off", "use simulated data: off (real only), mix (sim+real, uniform weights), "
-     "l2rw (learning to reweight, Ren et al. 2018), bilevel (the paper's cutting-plane weights); "
-     "alias train.sim2real",
-     ("off", "mix", "l2rw", "bilevel")),
+     "l2rw (learning to reweight, Ren et al. 2018), bilevel (the paper's cutting-plane weights), "
+     "finetune (pretrain on sim, then fine-tune on real); alias train.sim2real",
+     ("off", "mix", "l2rw", "bilevel", "finetune")),
     ("sim_data", Optional[str], None, "simulated data for every mode but off: a TrafficGrid .npz or a "
      "scenario folder (simmstnet simulate --scenarios N); each scenario is scaled by its own scaler; "
      "alias train.sim_data", None),
@@ -113,6 +113,9 @@ _S2R_DATA_KEYS: list[tuple[str, Any, Any, str, tuple | None]] = [
     ("weight_by", str, "window", "what one lambda weights (l2rw, bilevel): window (the paper: one per "
      "simulated window) or scenario (one shared by every window of a simulated city)",
      ("window", "scenario")),
+    ("steps_per_epoch", Optional[int], None, "optimizer steps per epoch, the same for every mode (off "
+     "included once sim_data is set); null = ceil(min(simulated windows, train.max_windows_per_epoch) / "
+     "train.batch_size), or one pass over the real windows without sim_data", None),
     ("upper_data", str, "train", "real windows of the upper level G (l2rw, bilevel) and of mix: train "
      "(the last train_days days) or val (the validation span, then early stopping and the best "
      "checkpoint use the training loss of real windows instead)", ("train", "val")),
@@ -126,11 +129,14 @@ _S2R_HELP = {
     "eps_calib_steps": "warm-start steps (the last ones) whose h calibrates eps",
     "k_pre": "phase 1: drop inactive planes and maybe add one every k_pre iterations",
     "p_max": "most cutting planes kept (memory: p_max copies of the model parameters)",
-    "t1": "phase switch: <= 1 a fraction of all iterations, > 1 an iteration number",
+    "t1": "phase switch: <= 1 a fraction of all iterations, > 1 an iteration number (capped at the run's "
+          "length when the warm start has to be shortened, see warm_start_epochs)",
     "lr_lambda": "Adam learning rate of the per-window parameters lambda (weight = sigmoid(lambda))",
     "lr_gamma": "dual ascent step on the plane values",
     "rho": "phase-2 quadratic penalty weight on violated planes",
-    "warm_start_epochs": "epochs of uniform-weight training on simulated data before reweighting",
+    "warm_start_epochs": "epochs of uniform-weight training on simulated data before reweighting; when they "
+                         "fill the whole run (train.epochs <= warm_start_epochs) the warm start is shortened to "
+                         "half of the iterations before the phase switch t1 (logged)",
     "lambda_init": "initial lambda of every simulated window (0 = weight 0.5)",
     "upper": "where G is evaluated: unrolled (at phi_K) or theta (the literal reconstruction)",
     "live_constraint": "also enforce h <= eps at the current point every step (dual gamma0)",
@@ -141,6 +147,18 @@ _S2R_HELP = {
     "real_batch_size": "real windows per step for G and the real loss term (null = train.batch_size)",
     "lower_coef": "bilevel: theta also descends lower_coef x the weighted simulated loss (default 1; 0 = "
                   "the reconstruction, where sim data reach theta only through phi_K and the constraint)",
+    "real_share": "mix: weight of the real windows' mean loss in each step's loss, (1 - r) x sim mean + r x "
+                  "real mean (null = every window of the step counts once: the real share is real_batch_size "
+                  "/ (batch_size + real_batch_size), one half by default)",
+    "pretrain_share": "finetune: share of the run's optimizer steps spent pretraining on simulated windows; "
+                      "the rest fine-tune on the real ones",
+    "finetune_lr_factor": "finetune: fine-tuning steps run train.lr_schedule afresh at this factor x train.lr "
+                          "(the optimizer's moments reset at the switch)",
+    "finetune_holdout": "finetune: the last share (in time) of the real windows, never trained on, that "
+                        "picks the model (held-out MAE after every pass over the fine-tuning windows)",
+    "finetune_patience": "finetune: stop after this many held-out checks without gain (0 = never); the best "
+                         "held-out parameters are kept either way",
+    "finetune_l2sp": "finetune: alpha of the L2-SP pull (alpha/2) ||theta - theta_pretrained||^2 (0 = off)",
 }
 _S2R_CHOICES = {"upper": ("unrolled", "theta"), "live_phase2": ("dual", "penalty")}
 
@@ -318,7 +336,7 @@ def _validate(cfg: "ExperimentConfig") -> None:
     if not t.weighting_tau > 0:
         raise UserError(f"config key 'train.weighting_tau' must be positive, got {t.weighting_tau}")
     s = cfg.sim2real
-    for key in ("max_sim_windows", "sim_stride"):
+    for key in ("max_sim_windows", "sim_stride", "steps_per_epoch"):
         v = getattr(s, key)
         if v is not None and v < 1:
             raise UserError(f"config key 'sim2real.{key}' must be at least 1 or null, got {v}")

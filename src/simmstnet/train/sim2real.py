@@ -1,12 +1,15 @@
 """Sim2real reweighting of simulated windows (paper sections 2.1-2.2).
 
 Every simulated window j has a free parameter lambda_j and weight w_j = sigmoid(lambda_j).
-Four modes share one interface (:func:`make_reweighter`):
+Five modes share one interface (:func:`make_reweighter`):
 
-* ``off``     real windows only;
-* ``mix``     simulated and real windows together, uniform weights;
-* ``l2rw``    one-step learning-to-reweight (Ren et al. 2018), a cheaper reference;
-* ``bilevel`` the paper's cutting-plane method as reconstructed in ARCHITECTURE.md.
+* ``off``      real windows only;
+* ``mix``      simulated and real windows together, uniform weights (``real_share`` sets the
+  real windows' share of each step's loss; null = every window counts once);
+* ``l2rw``     one-step learning-to-reweight (Ren et al. 2018), a cheaper reference;
+* ``bilevel``  the paper's cutting-plane method as reconstructed in ARCHITECTURE.md;
+* ``finetune`` pretraining on simulated windows, then fine-tuning on the real ones
+  (:mod:`simmstnet.train.finetune`), the reference a reweighting must beat.
 
 The reweighter is model-agnostic: it calls the model through
 ``torch.func.functional_call(model, params, (batch,))`` and a caller-supplied
@@ -71,7 +74,10 @@ With S a simulated minibatch (indices I), R a real minibatch, theta the model pa
    the reweighter; theta by the caller's optimizer from the gradient the reweighter
    accumulates, dG/dtheta + constraint terms; the duals as above.
 5. Warm start (t < T0 = warm_start_epochs * steps_per_epoch): theta on uniformly weighted
-   simulated windows, lambda fixed at lambda_init. If ``eps`` is unset it is calibrated as
+   simulated windows, lambda fixed at lambda_init. A warm start as long as the whole run (e.g.
+   ``train.epochs=1`` with the default one-epoch warm start) is shortened to T1 // 2, half of
+   the iterations before the phase switch, so short runs still reweight (``note`` says so).
+   If ``eps`` is unset it is calibrated as
    eps_factor * mean h over the last eps_calib_steps warm-start steps (the minibatch noise
    floor of h at the uniform-weight solution), or at the first step after it when needed.
    Because minibatch h includes gradient noise (E h ~ eta^2 K^2 (||grad g||^2 + tr Cov / B)),
@@ -118,8 +124,11 @@ from torch.func import functional_call
 from simmstnet.errors import UserError
 from simmstnet.train.cutting_planes import CuttingPlanes
 
-MODES = ("off", "mix", "l2rw", "bilevel")
+MODES = ("off", "mix", "l2rw", "bilevel", "finetune")
 UPPER_KINDS = ("unrolled", "theta")
+
+# Fields whose default is None: null is allowed, otherwise a number (real_batch_size an integer).
+_OPTIONAL = ("eps", "real_batch_size", "real_share")
 
 SampleLoss = Callable[[torch.Tensor, dict], torch.Tensor]
 
@@ -128,7 +137,7 @@ SampleLoss = Callable[[torch.Tensor, dict], torch.Tensor]
 class Sim2RealConfig:
     """Sim2real reweighting settings (embedded under ``sim2real.*`` in the experiment config)."""
 
-    mode: str = "off"  # off | mix | l2rw | bilevel
+    mode: str = "off"  # off | mix | l2rw | bilevel | finetune
     k_steps: int = 1  # K: lower-level gradient steps unrolled (cost grows ~linearly in K)
     inner_lr: float = 0.01  # eta: step size of the unrolled lower-level steps (also l2rw's virtual step)
     eps: Optional[float] = None  # constraint level h <= eps; None = calibrate after the warm start
@@ -150,6 +159,12 @@ class Sim2RealConfig:
     normalize_planes: bool = True  # divide each plane by ||(a, b)||: same half-space, scale-free duals
     real_batch_size: Optional[int] = None  # real minibatch size for G; None = train batch size
     lower_coef: float = 1.0  # theta also descends lower_coef x the weighted sim loss (0 = as reconstructed)
+    real_share: Optional[float] = None  # mix: weight of the real mean loss in each step's loss (None = per window)
+    pretrain_share: float = 0.5  # finetune: share of all optimizer steps spent pretraining on sim windows
+    finetune_lr_factor: float = 0.1  # finetune: learning rate of the fine-tuning steps = factor x train.lr
+    finetune_holdout: float = 0.2  # finetune: last share of the real windows (in time) held out to pick the model
+    finetune_patience: int = 5  # finetune: stop after this many held-out checks without gain (0 = never)
+    finetune_l2sp: float = 0.0  # finetune: alpha of the L2-SP pull (alpha/2) ||theta - theta_pretrained||^2
 
     def validate(self) -> "Sim2RealConfig":
         """Raise UserError naming the ``sim2real.<field>`` that is out of range."""
@@ -185,6 +200,21 @@ class Sim2RealConfig:
             bad("eps_calib_steps", "must be an integer >= 1")
         if self.real_batch_size is not None and self.real_batch_size < 1:
             bad("real_batch_size", "must be >= 1 or null")
+        if self.real_share is not None:
+            if not 0 <= self.real_share <= 1:
+                bad("real_share", "must be a share in [0, 1] or null")
+            if self.mode != "mix":
+                bad("real_share", f"only sim2real.mode=mix reads it (mode is {self.mode}); set it to null")
+        if not 0 <= self.pretrain_share <= 1:
+            bad("pretrain_share", "must be a share in [0, 1]")
+        if not 0 < self.finetune_holdout < 1:
+            bad("finetune_holdout", "must be a share strictly between 0 and 1 (the model is picked on it)")
+        if not (self.finetune_lr_factor > 0 and math.isfinite(self.finetune_lr_factor)):
+            bad("finetune_lr_factor", "must be a positive number")
+        if int(self.finetune_patience) != self.finetune_patience or self.finetune_patience < 0:
+            bad("finetune_patience", "must be an integer >= 0 (0 = never stop early)")
+        if not (self.finetune_l2sp >= 0 and math.isfinite(self.finetune_l2sp)):
+            bad("finetune_l2sp", "must be a number >= 0")
         return self
 
     @classmethod
@@ -198,9 +228,9 @@ class Sim2RealConfig:
         values = {}
         for key, value in d.items():
             want = type(getattr(defaults, key))
-            if value is None and key in ("eps", "real_batch_size"):
+            if value is None and key in _OPTIONAL:
                 values[key] = None
-            elif key in ("eps", "real_batch_size") or want in (int, float):
+            elif key in _OPTIONAL or want in (int, float):
                 kind = int if key == "real_batch_size" or want is int else float
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
                     (kind is float or float(value).is_integer())
@@ -323,7 +353,13 @@ class Reweighter:
 
 
 class UniformReweighter(Reweighter):
-    """``off`` (real windows only) and ``mix`` (simulated + real, every window weight 1)."""
+    """``off`` (real windows only) and ``mix`` (simulated + real, every window weight 1).
+
+    ``mix`` step loss: with ``real_share`` None, the mean over every window of the step, simulated
+    and real alike, so the real windows carry B_r / (B_s + B_r) of it (one half with
+    ``real_batch_size`` null); with ``real_share`` r, (1 - r) x the simulated mean + r x the real
+    mean (r = 0 or 1 skips the other forward pass).
+    """
 
     def __init__(self, *args, mode: str = "mix", **kwargs):
         super().__init__(*args, **kwargs)
@@ -331,6 +367,16 @@ class UniformReweighter(Reweighter):
 
     def step(self, sim_batch, real_batch) -> dict:
         params = self._params()
+        r = self.cfg.real_share if self.mode == "mix" else None
+        if r is not None and sim_batch is not None and real_batch is not None:
+            loss = 0.0
+            if r < 1:
+                loss = (1.0 - r) * self._losses(params, sim_batch).mean()
+            if r > 0:
+                loss = loss + r * self._losses(params, real_batch).mean()
+            loss.backward()
+            self.t += 1
+            return self._log({"loss": float(loss.detach())})
         parts, count = [], 0
         if self.mode == "mix" and sim_batch is not None:
             ls = self._losses(params, sim_batch)
@@ -439,6 +485,17 @@ class BilevelReweighter(Reweighter):
             self.T1 = int(round(cfg.t1 * total_steps))
         else:
             self.T1 = int(cfg.t1)
+        self.note = None  # how the phases were fitted to a short run (the trainer logs it)
+        if total_steps and self.T0 >= total_steps and self.T1 > 0:
+            # A warm start as long as the run (train.epochs <= warm_start_epochs, e.g. a one-epoch
+            # check) would leave no reweighting step: it shrinks to half of the iterations before
+            # the phase switch, which stays where t1 puts it.
+            warm = self.T0
+            self.T1 = min(self.T1, total_steps)
+            self.T0 = self.T1 // 2
+            self.note = (f"the warm start ({cfg.warm_start_epochs:g} epochs = {warm} iterations) fills the "
+                         f"whole run ({total_steps} iterations): shortened to {self.T0} iterations, half "
+                         f"of those before the phase switch at iteration {self.T1}")
         if self.T1 <= self.T0:
             raise UserError(f"sim2real.t1={cfg.t1}: the phase switch (iteration {self.T1}) falls "
                             f"inside the warm start ({self.T0} iterations); raise t1 or lower "
@@ -662,4 +719,8 @@ def make_reweighter(cfg: Sim2RealConfig, model: nn.Module, n_sim: int, sample_lo
         return UniformReweighter(model, n_sim, cfg, sample_loss, mode=cfg.mode, **kw)
     if cfg.mode == "l2rw":
         return L2RWReweighter(model, n_sim, cfg, sample_loss, **kw)
+    if cfg.mode == "finetune":
+        from simmstnet.train.finetune import FineTuner
+
+        return FineTuner(model, n_sim, cfg, sample_loss, **kw)
     return BilevelReweighter(model, n_sim, cfg, sample_loss, **kw)

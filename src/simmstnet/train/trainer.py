@@ -14,10 +14,14 @@ Steps (:meth:`Trainer.run`):
 4. evaluation of the best model on every validation and test window; ``metrics.json``,
    ``history.csv``, loss curves and a forecast-vs-truth figure per service.
 
-Sim2real (``sim2real.mode`` mix | l2rw | bilevel, see :mod:`simmstnet.train.sim2real`): the
-simulated windows of ``sim2real.sim_data`` (:mod:`simmstnet.train.sim_data`) drive the epoch (one
-step per simulated batch); real batches are drawn cyclically beside them from the real training
-windows (``sim2real.upper_data=train``) or the validation windows (``val``). Each step calls
+Sim2real (``sim2real.mode`` mix | l2rw | bilevel | finetune, see :mod:`simmstnet.train.sim2real`):
+every mode, ``off`` included once ``sim2real.sim_data`` is set, takes the same number of optimizer
+steps per epoch (``sim2real.steps_per_epoch``; null = ceil(min(simulated windows,
+``train.max_windows_per_epoch``) / batch size)); simulated batches of ``sim2real.sim_data``
+(:mod:`simmstnet.train.sim_data`) and real ones, from the real training windows
+(``sim2real.upper_data=train``) or the validation windows (``val``), are drawn in reshuffled passes
+for as long as the epoch needs (finetune reads simulated batches, then real ones; see
+:mod:`simmstnet.train.finetune`, whose held-out real windows pick the model). Each step calls
 ``reweighter.step(sim_batch, real_batch)``, which accumulates the gradient; the trainer clips,
 steps the optimizer and the schedule as usual. A window's loss is the task-weighted sum of its
 per-service masked mean losses (the task weights are updated once per step from every loss the
@@ -190,21 +194,33 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped after every optimizer step. cosine: lr decays to 1% over all planned steps; step:
-    times ``lr_gamma`` every ``lr_step_epochs`` epochs; constant: unchanged."""
-    total = max(1, cfg.epochs * steps_per_epoch)
+def schedule_factor(cfg, steps_per_epoch: int) -> Callable[[int, int], float]:
+    """``factor(step, total)``: the learning-rate factor of ``cfg.lr_schedule`` at ``step`` of a
+    stretch of ``total`` steps. cosine: decays to 1% over the stretch; step: times ``lr_gamma``
+    every ``lr_step_epochs`` epochs; constant: 1."""
     spe = max(1, steps_per_epoch)
 
     if cfg.lr_schedule == "cosine":
-        def factor(step: int) -> float:
+        def factor(step: int, total: int) -> float:
+            total = max(1, total)
             return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     elif cfg.lr_schedule == "step":
-        def factor(step: int) -> float:
+        def factor(step: int, total: int) -> float:
             return cfg.lr_gamma ** ((step // spe) // cfg.lr_step_epochs)
     else:
-        def factor(step: int) -> float:
+        def factor(step: int, total: int) -> float:
             return 1.0
+    return factor
+
+
+def make_scheduler(opt, cfg, steps_per_epoch: int,
+                   compose: Callable[[Callable[[int, int], float]], Callable[[int], float]] | None = None
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped after every optimizer step: :func:`schedule_factor` over all planned steps, or
+    ``compose(schedule_factor)`` (the finetune mode runs it once per phase)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    base = schedule_factor(cfg, steps_per_epoch)
+    factor = compose(base) if compose is not None else (lambda step: base(step, total))
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -261,6 +277,10 @@ class Trainer:
         self.rw = None  # Reweighter (sim2real modes)
         self.s2r_history: list[dict] = []
         self.val_is_training = cfg.sim2real.mode != "off" and cfg.sim2real.upper_data == "val"
+        # Validation picks no epoch (every epoch counts as the best, the last is kept) when it was
+        # training data, or under finetune, whose own held-out slice of the real windows picks the model.
+        self.keep_last = self.val_is_training or cfg.sim2real.mode == "finetune"
+        self.holdout = None  # finetune: the held-out real windows
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str) -> None:
@@ -380,11 +400,16 @@ class Trainer:
         cfg, d, s2r = self.cfg, self.cfg.data, self.cfg.sim2real
         self.real_upper = data.val if s2r.upper_data == "val" else data.train
         if self.real_upper is None:
-            if s2r.mode in ("l2rw", "bilevel"):
-                raise UserError(f"sim2real.mode={s2r.mode} needs real windows for its upper level, but "
+            if s2r.mode in ("l2rw", "bilevel", "finetune"):
+                what = "to fine-tune on" if s2r.mode == "finetune" else "for its upper level"
+                raise UserError(f"sim2real.mode={s2r.mode} needs real windows {what}, but "
                                 f"data.train_days={d.train_days} leaves no complete training window "
                                 f"(input_len + horizon = {d.input_len + d.horizon} steps); set "
                                 f"sim2real.upper_data=val to use the validation span")
+            if s2r.real_share is not None:
+                raise UserError(f"sim2real.real_share={s2r.real_share}: data.train_days={d.train_days} "
+                                f"leaves no complete real training window to draw that share from; set "
+                                f"sim2real.real_share=null or sim2real.upper_data=val")
             self.log(f"data.train_days={d.train_days} leaves no complete real training window: "
                      f"sim2real.mode=mix trains on simulated windows only")
         self.sim = build_sim_windows(s2r.sim_data, data.grid.services, data.grid.step, d.input_len,
@@ -395,7 +420,9 @@ class Trainer:
                  f"from {self.sim.n_scenarios} scenario(s); real windows for it: "
                  f"{len(self.real_upper) if self.real_upper is not None else 0} ({s2r.upper_data})"
                  + ("; validation windows are training data: early stopping off, last epoch kept"
-                    if self.val_is_training else ""))
+                    if self.val_is_training else "")
+                 + ("; the held-out real windows pick the model, validation picks no epoch (last kept)"
+                    if s2r.mode == "finetune" else ""))
 
     def _sample_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
         """(B,) each window's task-weighted loss: sum_c w_c * (masked mean loss of service c).
@@ -420,12 +447,14 @@ class Trainer:
         device = info.device
         loader = BatchLoader(self.data.train, tc.batch_size, shuffle=True, seed=tc.seed,
                              drop_last=False, rank=info.rank, world_size=info.world_size)
-        steps = len(loader)
-        if tc.max_windows_per_epoch is not None:
-            # The order is a fresh permutation each epoch, so its head is a random subset.
-            steps = min(steps, math.ceil(tc.max_windows_per_epoch / (tc.batch_size * info.world_size)))
+        # With sim2real.sim_data set, real-only training takes the sim2real modes' step budget
+        # (compared modes then differ only in what they train on); otherwise one pass per epoch.
+        pool = self._sim_pool_size() if cfg.sim2real.sim_data is not None else None
+        steps = self._steps_per_epoch(pool, len(loader))
         # DDP needs the same number of steps on every rank (shards may differ by one window).
         steps = D.all_reduce_min(info, steps)
+        if pool is not None or cfg.sim2real.steps_per_epoch is not None:
+            self.log(f"real only: {steps} optimizer steps per epoch ({self._steps_rule(pool)})")
         opt = make_optimizer(model.parameters(), tc)
         sched = make_scheduler(opt, tc, steps)
         if hasattr(model, "schedule_for"):  # schedules that scale with the run (DCRNN's curriculum)
@@ -453,13 +482,12 @@ class Trainer:
             if stop:
                 break
             t0 = time.perf_counter()
-            loader.set_epoch(epoch)
             net.train()
             sum_loss = torch.zeros(len(services), dtype=torch.float64)
             sum_total, n_steps = 0.0, 0
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{tc.epochs}", unit="step", leave=False,
                        file=sys.stderr, disable=(not self.progress or not info.is_main) or None)
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(self._passes(loader, epoch)):
                 if i >= steps:
                     break
                 if self.hooks.on_batch is not None:
@@ -496,7 +524,8 @@ class Trainer:
                                 f"{len(self.data.train)} windows for {info.world_size} process(es)")
             if info.is_main:
                 stop = self._end_epoch(epoch, model, services, sum_loss / n_steps, sum_total / n_steps,
-                                       weighting, opt, time.perf_counter() - t0, eval_bs)
+                                       weighting, opt, time.perf_counter() - t0, eval_bs,
+                                       extra={"steps": n_steps})
             stop = D.broadcast(info, stop)
             # Every rank's generator states, taken where an uninterrupted run continues from.
             self._rng = D.gather(info, ckpt.rng_state())
@@ -513,24 +542,25 @@ class Trainer:
             self._save_last(model, opt, sched, weighting)
 
     def _train_sim2real(self, model, services, make_loss_weighting) -> None:
-        """The epoch loop of mix / l2rw / bilevel (one process; see the module docstring)."""
+        """The epoch loop of mix / l2rw / bilevel / finetune (one process; see the module docstring)."""
         from simmstnet.config import reweighter_config
         from simmstnet.data.windows import BatchLoader
         from simmstnet.train.sim2real import make_reweighter
 
         cfg, tc, device = self.cfg, self.cfg.train, self.dist.device
         mode = cfg.sim2real.mode
+        finetune = mode == "finetune"
         sim_loader = BatchLoader(self.sim, tc.batch_size, shuffle=True, seed=tc.seed)
-        steps = len(sim_loader)
-        if tc.max_windows_per_epoch is not None:
-            steps = min(steps, math.ceil(tc.max_windows_per_epoch / tc.batch_size))
+        steps = self._steps_per_epoch(len(self.sim), len(sim_loader))
+        total = tc.epochs * steps
+        self.log(f"sim2real {mode}: {steps} optimizer steps per epoch, {total} in all "
+                 f"({self._steps_rule(len(self.sim))})")
         real_ds = self.real_upper
+        if finetune:
+            real_ds, self.holdout = self._finetune_split(real_ds)
         real_loader = (BatchLoader(real_ds, cfg.sim2real.real_batch_size or tc.batch_size, shuffle=True,
                                    seed=tc.seed + 1) if real_ds is not None else None)
         opt = make_optimizer(model.parameters(), tc)
-        sched = make_scheduler(opt, tc, steps)
-        if hasattr(model, "schedule_for"):  # schedules that scale with the run (DCRNN's curriculum)
-            model.schedule_for(tc.epochs * steps)
         weighting = make_loss_weighting(tc.loss_weighting, len(services), beta=tc.weighting_beta,
                                         tau=tc.weighting_tau)
         self._task_w = weighting.current()
@@ -539,41 +569,57 @@ class Trainer:
         self.per_scenario = cfg.sim2real.weight_by == "scenario"
         n_lambda = self.sim.n_scenarios if self.per_scenario else len(self.sim)
         self.rw = make_reweighter(reweighter_config(cfg.sim2real), model, n_lambda, self._sample_loss,
-                                  device=device, steps_per_epoch=steps, total_steps=tc.epochs * steps)
+                                  device=device, steps_per_epoch=steps, total_steps=total)
+        if getattr(self.rw, "note", None):
+            self.log(f"sim2real {mode}: {self.rw.note}")
+        sched = make_scheduler(opt, tc, steps, compose=self.rw.lr_factor if finetune else None)
+        if hasattr(model, "schedule_for"):  # schedules that scale with the run (DCRNN's curriculum)
+            model.schedule_for(total)
+        if finetune:
+            pass_len = len(real_loader)  # a held-out check after every pass over the fine-tuning windows
+            self.log(f"sim2real finetune: {self.rw.T_pre} pretraining steps on simulated windows, then "
+                     f"{total - self.rw.T_pre} fine-tuning steps on {len(real_ds)} real windows at "
+                     f"{cfg.sim2real.finetune_lr_factor:g} x the learning rate; {len(self.holdout)} "
+                     f"held-out real windows pick the model (checked every {pass_len} steps)")
         if self.resume:
             self._restore(model, opt, sched, weighting)
         if self.finished:
             self.log(f"{self.out}: training had finished; redoing the final evaluation")
             return
         eval_bs = tc.eval_batch_size or 4 * tc.batch_size
-        stop = tc.patience > 0 and self.bad_epochs >= tc.patience
+        stop = (tc.patience > 0 and self.bad_epochs >= tc.patience) or getattr(self.rw, "done", False)
         C = len(services)
         for epoch in range(self.epoch + 1, tc.epochs + 1):
             if stop:
                 break
             t0 = time.perf_counter()
-            sim_loader.set_epoch(epoch)
+            sim_iter = self._passes(sim_loader, epoch)
             real_iter = self._cycle(real_loader, epoch) if real_loader is not None else None
             model.train()
             sum_loss = torch.zeros(C, dtype=torch.float64)
             sum_total, n_steps = 0.0, 0
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{tc.epochs} ({mode})", unit="step", leave=False,
                        file=sys.stderr, disable=not self.progress or None)
-            for i, sim_batch in enumerate(sim_loader):
-                if i >= steps:
-                    break
+            for _ in range(steps):
+                # finetune reads one kind of batch per step; the other modes read both
+                need = self.rw.needs() if finetune else "both"
+                sim_batch = next(sim_iter) if need != "real" else None
+                real_batch = next(real_iter) if real_iter is not None and need != "sim" else None
                 if self.hooks.on_batch is not None:
-                    self.hooks.on_batch(0, sim_batch)
-                sim_batch = prepare_batch(sim_batch, self.sim, model, device)
-                if self.per_scenario:
-                    sim_batch = {**sim_batch, "index": sim_batch["scenario"]}
-                real_batch = (prepare_batch(next(real_iter), real_ds, model, device)
-                              if real_iter is not None else None)
+                    self.hooks.on_batch(0, sim_batch if sim_batch is not None else real_batch)
+                if sim_batch is not None:
+                    sim_batch = prepare_batch(sim_batch, self.sim, model, device)
+                    if self.per_scenario:
+                        sim_batch = {**sim_batch, "index": sim_batch["scenario"]}
+                if real_batch is not None:
+                    real_batch = prepare_batch(real_batch, real_ds, model, device)
+                if finetune and self.rw.t == self.rw.T_pre and self.rw.T_pre > 0:
+                    opt.state.clear()  # fine-tuning starts with fresh moments (see train/finetune.py)
                 self._task_w = weighting.current()
                 self._task_record = []
                 opt.zero_grad(set_to_none=True)
-                # bf16 autocast only for the first-order mix step; second-order graphs stay in fp32
-                with autocast(device, tc.amp and mode == "mix"):
+                # bf16 autocast only for first-order steps; second-order graphs stay in fp32
+                with autocast(device, tc.amp and mode in ("mix", "finetune")):
                     diag = self.rw.step(sim_batch, real_batch)
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -592,17 +638,21 @@ class Trainer:
                         post["phase"] = diag["phase"]
                     bar.set_postfix(post)
                 bar.update(1)
+                if finetune and self._finetune_check(model, eval_bs, pass_len, total):
+                    break
             bar.close()
             if n_steps == 0:
                 raise UserError(f"no training step in epoch {epoch}: {len(self.sim)} simulated windows")
             train_seconds = time.perf_counter() - t0
             summary = self.rw.end_epoch()
-            self.s2r_history.append({**summary, "train_seconds": train_seconds})
-            extra = {f"s2r_{k}": summary[k] for k in ("G", "h", "planes", "gamma0", "w_mean", "w_std")
-                     if k in summary}
+            self.s2r_history.append({**summary, "steps": n_steps, "train_seconds": train_seconds})
+            extra = {f"s2r_{k}": summary[k] for k in ("G", "h", "planes", "gamma0", "w_mean", "w_std",
+                                                      "holdout_mae") if k in summary}
             extra["s2r_train_seconds"] = train_seconds
+            extra["steps"] = n_steps
             stop = self._end_epoch(epoch, model, services, sum_loss / n_steps, sum_total / n_steps,
                                    weighting, opt, train_seconds, eval_bs, extra=extra)
+            stop = stop or getattr(self.rw, "done", False)
             self._rng = [ckpt.rng_state()]
             self._save_last(model, opt, sched, weighting)
             self._write_history()
@@ -613,6 +663,94 @@ class Trainer:
                 break
         self.finished = True
         self._save_last(model, opt, sched, weighting)
+
+    def _finetune_check(self, model, eval_bs: int, pass_len: int, total: int) -> bool:
+        """finetune, after a step: the held-out check when one is due; at the end of fine-tuning
+        (last step or early stop) the best held-out parameters are loaded. Returns "stop now"."""
+        rw = self.rw
+        if rw.phase(rw.t - 1) != "finetune":
+            return False
+        last = rw.t >= total
+        if (rw.t - rw.T_pre) % pass_len == 0 or last:
+            device = self.dist.device
+            tc = self.cfg.train
+            # like validation, the check must not move the training RNG streams
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                res = evaluate(model, self.holdout, eval_bs, device, tc.amp, tc.loss, progress=False)
+            model.train()
+            mae = res["metrics"]["overall"]["mae"]
+            if mae is None or not math.isfinite(mae):
+                raise UserError(f"fine-tuning diverged: held-out MAE is {mae} at step {rw.t} "
+                                f"(try a lower sim2real.finetune_lr_factor or train.lr)")
+            rw.check(mae)
+        if last or rw.done:
+            rw.restore_best()
+            if rw.done:
+                self.log(f"sim2real finetune: {rw.bad_checks} held-out checks without gain, stopping at "
+                         f"step {rw.t}; best held-out MAE {_fmt(rw.best_score)} at step {rw.best_step}")
+        return rw.done
+
+    def _finetune_split(self, real_ds):
+        """(fine-tuning windows, held-out windows) of ``real_ds``, split in time
+        (:func:`simmstnet.train.finetune.split_in_time`)."""
+        from simmstnet.data.windows import WindowDataset
+        from simmstnet.train.finetune import split_in_time
+
+        ft_range, ho_range = split_in_time(real_ds.target_range, real_ds.horizon, self.cfg.sim2real.finetune_holdout)
+        common = dict(input_len=real_ds.input_len, label_len=real_ds.label_len, horizon=real_ds.horizon,
+                      patch=real_ds.patch, scaler=real_ds.scaler, season_days=real_ds.season_days,
+                      history_start=real_ds.history_start, services=real_ds.services)
+        fine = WindowDataset(real_ds.grid, stride=real_ds.stride, target_range=ft_range, **common)
+        held = WindowDataset(real_ds.grid, target_range=ho_range, **common)
+        return fine, held
+
+    def _steps_per_epoch(self, pool: int | None, loader_len: int) -> int:
+        """Optimizer steps per epoch, one rule for every mode (off included) once simulated data
+        are set: sim2real.steps_per_epoch; else ceil(min(simulated pool, train.max_windows_per_epoch)
+        / global batch). Without simulated data (``pool`` None): one pass over the loader, at most
+        ceil(train.max_windows_per_epoch / global batch)."""
+        s2r, tc = self.cfg.sim2real, self.cfg.train
+        if s2r.steps_per_epoch is not None:
+            return int(s2r.steps_per_epoch)
+        batch = tc.batch_size * self.dist.world_size
+        if pool is None:
+            steps = loader_len
+            if tc.max_windows_per_epoch is not None:
+                # The order is a fresh permutation each epoch, so its head is a random subset.
+                steps = min(steps, math.ceil(tc.max_windows_per_epoch / batch))
+            return steps
+        n = pool if tc.max_windows_per_epoch is None else min(pool, tc.max_windows_per_epoch)
+        return max(1, math.ceil(n / batch))
+
+    def _steps_rule(self, pool: int | None) -> str:
+        s2r, tc = self.cfg.sim2real, self.cfg.train
+        if s2r.steps_per_epoch is not None:
+            return "sim2real.steps_per_epoch"
+        cap = "" if tc.max_windows_per_epoch is None else f", train.max_windows_per_epoch={tc.max_windows_per_epoch}"
+        return f"the same for every mode: {pool} simulated windows{cap} / batch size {tc.batch_size}"
+
+    def _sim_pool_size(self) -> int:
+        """Simulated windows a sim2real mode would use (the step budget of real-only training)."""
+        from simmstnet.train.sim_data import build_sim_windows
+
+        cfg, d, s2r = self.cfg, self.cfg.data, self.cfg.sim2real
+        sim = build_sim_windows(s2r.sim_data, self.data.grid.services, self.data.grid.step, d.input_len,
+                                d.label_len, d.horizon, d.patch, stride=s2r.sim_stride or d.stride,
+                                scaler_kind=d.scaler, max_windows=s2r.max_sim_windows,
+                                seed=cfg.train.seed, season_days=d.season_days)
+        return len(sim)
+
+    @staticmethod
+    def _passes(loader, epoch: int):
+        """An epoch's batches: the loader's order for ``epoch``, then further passes, each reshuffled
+        reproducibly from (epoch, pass), when the epoch takes more steps than one pass holds."""
+        loader.set_epoch(epoch)
+        yield from loader
+        k = 1
+        while len(loader):
+            loader.set_epoch(epoch * 1_000_003 + 500_000 + k)
+            yield from loader
+            k += 1
 
     @staticmethod
     def _cycle(loader, epoch: int):
@@ -652,7 +790,18 @@ class Trainer:
                 "val_used_for_training": self.val_is_training,
                 "weights": {k: rep[k] for k in ("n", "n_weighted", "mean", "std", "quantiles") if k in rep},
                 "seconds_per_epoch": (sum(secs) / len(secs)) if secs else None,
-                "eps": getattr(self.rw, "eps", None)}
+                "eps": getattr(self.rw, "eps", None), **self._finetune_block()}
+
+    def _finetune_block(self) -> dict:
+        if self.cfg.sim2real.mode != "finetune":
+            return {}
+        rw, s2r = self.rw, self.cfg.sim2real
+        return {"finetune": {"pretrain_steps": rw.T_pre, "finetune_lr_factor": s2r.finetune_lr_factor,
+                             "l2sp": s2r.finetune_l2sp, "n_holdout_windows": len(self.holdout),
+                             "holdout_target_steps": list(self.holdout.target_range),
+                             "best_holdout_mae": rw.best_score if math.isfinite(rw.best_score) else None,
+                             "best_step": rw.best_step, "checks": len(rw.checks),
+                             "stopped_early": rw.done}}
 
     def _end_epoch(self, epoch, model, services, task_loss, total_loss, weighting, opt,
                    seconds, eval_bs, extra: dict | None = None) -> bool:
@@ -670,7 +819,8 @@ class Trainer:
                             f"(try a lower train.lr or train.grad_clip)")
         # With sim2real.upper_data=val the validation windows trained the model: they cannot pick
         # the epoch, so every epoch counts as the best one (the last is kept) and patience is off.
-        improved = mae < self.best["mae"] or self.val_is_training
+        # The same under finetune, whose held-out real windows pick the model instead.
+        improved = mae < self.best["mae"] or self.keep_last
         if improved:
             self.best = {"mae": mae, "epoch": epoch}
             self.bad_epochs = 0
@@ -696,7 +846,8 @@ class Trainer:
         self.history.append(row)
         losses = " ".join(f"{s} {row[f'train_loss_{s}']:.4f}" for s in services)
         self.log(f"epoch {epoch}/{tc.epochs}  train {total_loss:.4f} ({losses})  val MAE {_fmt(mae)} "
-                 f"RMSE {_fmt(row['val_rmse'])}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+                 f"RMSE {_fmt(row['val_rmse'])}  lr {row['lr']:.2e}  "
+                 + (f"{row['steps']} steps  " if "steps" in row else "") + f"{row['seconds']:.1f}s"
                  + ("  *best*" if improved else f"  ({self.bad_epochs}/{tc.patience or '-'} without gain)"))
         return stop
 
@@ -804,6 +955,7 @@ class Trainer:
             "eval_seconds": round(eval_seconds, 3),
             "epochs_run": self.epoch,
             "best_epoch": self.best["epoch"],
+            "optimizer_steps": sum(int(r.get("steps", 0)) for r in self.history),
             "device": str(device),
             "processes": self.dist.world_size,
             "val": val["metrics"],

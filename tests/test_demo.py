@@ -19,7 +19,7 @@ def test_demo_on_a_user_grid_writes_report(tmp_path, capsys):
     report = run_demo(cfg)
     text = report.read_text()
     printed = capsys.readouterr().out
-    for key in ("bilevel", "mix", "off"):
+    for key in ("bilevel", "mix", "finetune", "off"):
         metrics = json.loads((tmp_path / "out" / "runs" / key / "metrics.json").read_text())
         mae = metrics["test"]["overall"]["mae"]
         assert f"{mae:.4g}" in text and f"{mae:.4g}" in printed

@@ -12,7 +12,7 @@ def register(sub) -> None:
         "demo", help="scarce data + simulator + sim2real, side by side (no download needed)",
         description="Simulate source cities and a target city (or use --data), keep only a few days of "
                     "target training data, train Sim-MSTNet with bilevel sim2real next to real-only, "
-                    "mix and naive baselines, and write report.md.")
+                    "mix, finetune and naive baselines, and write report.md.")
     parser.add_argument("--out", default=d.out, help=f"output folder (default {d.out}); finished runs are reused")
     parser.add_argument("--data", default=None, help="your own TrafficGrid .npz as the target instead of a simulated city")
     parser.add_argument("--train-days", type=int, default=d.train_days, help=f"scarce-data days (default {d.train_days})")

@@ -19,7 +19,7 @@ from tests.conftest import make_grid
 L, LABEL, H = 6, 3, 3
 
 
-def _expected(grid, scaler, start, row, col, days, first_time=0):
+def _expected(grid, scaler, start, row, col, days, first_time=0, stat="mean"):
     """Brute force: for each step u of input + horizon, the mean of the observed scaled values at
     u - d * 24 (hourly grid), d = 1 .. days, ignoring times before ``first_time``."""
     per_day = 24
@@ -31,22 +31,22 @@ def _expected(grid, scaler, start, row, col, days, first_time=0):
             vals = [scaled[u - d * per_day, row, col, c] for d in range(1, days + 1)
                     if u - d * per_day >= first_time and grid.mask[u - d * per_day, row, col, c]]
             if vals:
-                out[i, c] = np.mean(vals)
+                out[i, c] = np.mean(vals) if stat == "mean" else np.sort(vals)[(len(vals) - 1) // 2]
                 known[i, c] = True
     return out, known
 
 
-@pytest.mark.parametrize("missing", [0.0, 0.3])
-def test_season_is_the_mean_of_the_observed_values_at_the_same_time_on_earlier_days(missing):
+@pytest.mark.parametrize("missing,stat", [(0.0, "mean"), (0.3, "mean"), (0.3, "median"), (0.0, "median")])
+def test_season_is_the_mean_of_the_observed_values_at_the_same_time_on_earlier_days(missing, stat):
     grid = make_grid(T=24 * 8, H=3, W=3, missing=missing, seed=3)
     scaler = Scaler.fit(grid, (0, 24 * 6))
     ds = WindowDataset(grid, input_len=L, label_len=LABEL, horizon=H, patch=3, scaler=scaler,
-                       target_range=(24 * 5, 24 * 8), season_days=3)
+                       target_range=(24 * 5, 24 * 8), season_days=4, season_stat=stat)
     idx = np.arange(0, len(ds), 7)
     batch = ds.get_batch(idx)
     starts, rows, cols = ds.window_info(idx)
     for b, (t, r, c) in enumerate(zip(starts, rows, cols)):
-        exp, known = _expected(grid, scaler, int(t), int(r), int(c), 3)
+        exp, known = _expected(grid, scaler, int(t), int(r), int(c), 4, stat=stat)
         np.testing.assert_allclose(batch["x_season"][b].numpy(), exp[:L], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(batch["y_season"][b].numpy(), exp[L - LABEL:], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(batch["x_season_mask"][b].numpy(), known[:L])
@@ -164,3 +164,23 @@ def test_season_days_null_means_a_week_for_the_models_that_read_it(tmp_path):
     cfg = load_config(None, [*base, "model.name=stnet", "data.horizon=3", "data.season_days=0"])
     prepare_data(cfg, grid)
     assert cfg.data.season_days == 0
+
+
+def test_anchored_season_ignores_the_level_of_the_previous_days():
+    """season_anchor: the previous days' shape counts, their level does not (a level drift between
+    those days and now leaves the forecast unchanged); without it the level moves the forecast."""
+    ds, batch = _season_batch()
+    dims = DataDims.from_dataset(ds)
+    shifted = dict(batch)
+    for key in ("x_season", "y_season"):
+        shifted[key] = torch.where(batch[key + "_mask"], batch[key] + 2.5, batch[key])
+    for anchor in (True, False):
+        torch.manual_seed(0)
+        model = build_model("sim-mstnet", dims, d_model=8, n_heads=2, d_ff=16, dropout=0.0,
+                            season_anchor=anchor, highway_init="uniform").eval()
+        with torch.no_grad():
+            gap = (model(batch) - model(shifted)).abs().max()
+        if anchor:
+            assert gap < 1e-4
+        else:
+            assert gap > 1e-3

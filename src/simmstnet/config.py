@@ -51,6 +51,8 @@ class DataConfig:
                                       "the mean of the cell's values at the same time on each of the previous N "
                                       "days (0 = off; null = the model's default: 7 for sim-mstnet and stnet, "
                                       "0 for models that do not read it)")
+    season_stat: str = _opt("mean", "seasonal history statistic over the previous days: mean, or median "
+                            "(robust to bursts on some of the days)", choices=("mean", "median"))
     stride: int = _opt(1, "step between training window starts (validation and test always use 1)")
     split: list = _opt([0.7, 0.1, 0.2], "chronological split: three ratios summing to 1, or ISO dates "
                        "[val_start, test_start(, test_end)]")

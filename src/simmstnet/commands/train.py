@@ -173,7 +173,8 @@ def _span_dataset(run, grid, span: str):
     d = run.config.data
     target = None if span == "all" else split_ranges(grid, d.split, d.input_len, d.horizon)[span]
     return WindowDataset(grid, input_len=d.input_len, label_len=d.label_len, horizon=d.horizon, patch=d.patch,
-                         scaler=run.scaler, target_range=target, season_days=d.season_days)
+                         scaler=run.scaler, target_range=target, season_days=d.season_days,
+                         season_stat=d.season_stat)
 
 
 def plot_runs(run, ds, grid, folder: str | Path, compare=None, cell: tuple[int, int] | None = None,
@@ -399,7 +400,8 @@ def forecast_at(run, grid, at_index: int, device="cpu", batch_size: int = 256, c
                            np.concatenate([grid.mask, np.zeros((need, Hg, Wg, C), bool)]),
                            np.concatenate([grid.timestamps, extra_t]), grid.services, dict(grid.meta))
     ds = WindowDataset(grid, input_len=L, label_len=d.label_len, horizon=H, patch=d.patch, scaler=run.scaler,
-                       season_days=d.season_days, target_range=(at_index + 1, at_index + 1 + H), skip_unobserved=False)
+                       season_days=d.season_days, season_stat=d.season_stat,
+                       target_range=(at_index + 1, at_index + 1 + H), skip_unobserved=False)
     out = np.zeros((H, Hg, Wg, C), np.float32)
     K = len(cal.levels) if cal is not None else 0
     lower = np.zeros((K, H, Hg, Wg, C), np.float32)
@@ -510,7 +512,8 @@ def _predict_calibration(run, grid, levels, at: int, device, batch_size: int):
     if hi - lo < H:
         return cal                                # no history to adapt on: the calibrated levels
     ds = WindowDataset(grid, input_len=L, label_len=d.label_len, horizon=H, patch=d.patch, scaler=run.scaler,
-                       season_days=d.season_days, target_range=(lo, hi))
+                       season_days=d.season_days, season_stat=d.season_stat,
+                       target_range=(lo, hi))
     if len(ds) == 0:
         return cal
     return aci_state(run.model, ds, cal, next_start=at - L + 1, batch_size=batch_size, device=device,

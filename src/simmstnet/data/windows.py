@@ -63,7 +63,7 @@ class WindowDataset:
                  services: Sequence[str] | None = None, patch: int = 5, stride: int = 1,
                  scaler: Scaler | None = None, target_range: tuple[int, int] | None = None,
                  cells: np.ndarray | None = None, skip_unobserved: bool = True,
-                 season_days: int = 0, history_start: int = 0) -> None:
+                 season_days: int = 0, history_start: int = 0, season_stat: str = "mean") -> None:
         T, Hg, Wg, _ = grid.shape
         for name, value, low in (("input_len", input_len, 1), ("horizon", horizon, 1),
                                  ("label_len", label_len, 0), ("patch", patch, 1), ("stride", stride, 1)):
@@ -77,6 +77,9 @@ class WindowDataset:
         if int(season_days) != season_days or season_days < 0:
             raise UserError(f"season_days must be an integer >= 0, got {season_days!r}")
         self.season_days = int(season_days)
+        if season_stat not in ("mean", "median"):
+            raise UserError(f"season_stat must be 'mean' or 'median', got {season_stat!r}")
+        self.season_stat = season_stat
         self.per_day = 0
         if self.season_days:
             if grid.step <= 0 or DAY % int(grid.step):
@@ -317,8 +320,12 @@ class WindowDataset:
         vals = self._scaled.index_select(0, flat.view(-1)).view(B, P, L + H, C)
         ok = ~torch.isnan(vals) & inside[..., None]
         count = ok.sum(1)
-        season = torch.where(ok, vals, torch.zeros_like(vals)).sum(1) / count.clamp_min(1)
         known = count > 0                                                        # (B, L+H, C)
+        if self.season_stat == "median":  # lower median of the observed days
+            med = torch.where(ok, vals, torch.full_like(vals, float("nan"))).nanmedian(dim=1).values
+            season = torch.where(known, med, torch.zeros_like(med))
+        else:
+            season = torch.where(ok, vals, torch.zeros_like(vals)).sum(1) / count.clamp_min(1)
         lo = L - self.label_len
         return {"x_season": season[:, :L].contiguous(), "x_season_mask": known[:, :L].contiguous(),
                 "y_season": season[:, lo:].contiguous(), "y_season_mask": known[:, lo:].contiguous()}

@@ -693,7 +693,8 @@ def _test_dataset(run):
     grid = load_grid(d.path, list(run.services), d.step, what=f"{run.folder}: data.path")
     target = split_ranges(grid, d.split, d.input_len, d.horizon, train_days=d.train_days)["test"]
     ds = WindowDataset(grid, input_len=d.input_len, label_len=d.label_len, horizon=d.horizon, patch=d.patch,
-                       scaler=run.scaler, target_range=target, season_days=d.season_days)
+                       scaler=run.scaler, target_range=target, season_days=d.season_days,
+                       season_stat=d.season_stat)
     return grid, ds
 
 

@@ -82,6 +82,10 @@ class SimMSTNetConfig:
     highway_init: str = field(default="zero", metadata={
         "help": "initial highway weights: uniform (PyTorch's Linear default) or zero (the forecast starts "
                 "as the decoder's alone and the linear part grows as it helps)"})
+    season_anchor: bool = field(default=False, metadata={
+        "help": "with seasonal history: subtract the seasonal values' own mean over the input steps, so "
+                "the model reads the daily shape of the previous days anchored to the input window's level "
+                "(robust to a level drift between the previous days and now)"})
     cyclic_calendar: bool = field(default=True, metadata={
         "help": "sin/cos of the time of day and week beside the raw calendar marks"})
 
@@ -206,6 +210,9 @@ class SimMSTNet(nn.Module):
         if season:
             xs, xs_mask = batch["x_season"], batch["x_season_mask"].to(x.dtype)
             ys, ys_mask = batch["y_season"], batch["y_season_mask"].to(x.dtype)
+            if cfg.season_anchor:  # keep the shape, drop the level of the previous days
+                offset = (xs * xs_mask).sum(1, keepdim=True) / xs_mask.sum(1, keepdim=True).clamp_min(1.0)
+                xs, ys = (xs - offset) * xs_mask, (ys - offset) * ys_mask
 
         sequences, temporal, spatial = [], [], []
         for k, task in enumerate(self.tasks):

@@ -109,7 +109,8 @@ def prepare_sim_grid(grid: TrafficGrid, services: Sequence[str], step: int, sour
 def build_sim_windows(path: str | Path, services: Sequence[str], step: int, input_len: int,
                       label_len: int, horizon: int, patch: int, stride: int = 1,
                       scaler_kind: str = "standard", max_windows: int | None = None,
-                      seed: int = 0, season_days: int = 0) -> SimWindowSet:
+                      seed: int = 0, season_days: int = 0,
+                      season_stat: str = "mean") -> SimWindowSet:
     """Read ``path`` and build the simulated window set (see the module docstring)."""
     from simmstnet.data.scaling import Scaler
     from simmstnet.data.windows import WindowDataset
@@ -124,7 +125,8 @@ def build_sim_windows(path: str | Path, services: Sequence[str], step: int, inpu
         scaler = Scaler.fit(g, (0, g.shape[0]), kind=scaler_kind)
         try:
             ds = WindowDataset(g, input_len=input_len, label_len=label_len, horizon=horizon, patch=patch,
-                               stride=stride, scaler=scaler, season_days=season_days)
+                               stride=stride, scaler=scaler, season_days=season_days,
+                               season_stat=season_stat)
         except UserError as exc:
             raise UserError(f"{source}: {exc}") from None
         datasets.append(ds)

@@ -141,7 +141,7 @@ def prepare_data(cfg: ExperimentConfig, grid: TrafficGrid | None = None,
     # The seasonal history never reads before the data the scaler may read (under the scarce-data
     # protocol, the days before the last D are not there to read).
     common = dict(input_len=d.input_len, label_len=d.label_len, horizon=d.horizon, patch=d.patch,
-                  scaler=scaler, season_days=d.season_days,
+                  scaler=scaler, season_days=d.season_days, season_stat=d.season_stat,
                   history_start=fit_range[0] if d.train_days is not None else 0)
     train = (WindowDataset(grid, stride=d.stride, target_range=ranges["train"], **common)
              if ranges["train"] is not None else None)
@@ -415,7 +415,8 @@ class Trainer:
         self.sim = build_sim_windows(s2r.sim_data, data.grid.services, data.grid.step, d.input_len,
                                      d.label_len, d.horizon, d.patch, stride=s2r.sim_stride or d.stride,
                                      scaler_kind=d.scaler, max_windows=s2r.max_sim_windows,
-                                     seed=cfg.train.seed, season_days=d.season_days)
+                                     seed=cfg.train.seed, season_days=d.season_days,
+                                     season_stat=d.season_stat)
         self.log(f"sim2real {s2r.mode}: {len(self.sim)} simulated windows (of {self.sim.n_available}) "
                  f"from {self.sim.n_scenarios} scenario(s); real windows for it: "
                  f"{len(self.real_upper) if self.real_upper is not None else 0} ({s2r.upper_data})"
@@ -699,6 +700,7 @@ class Trainer:
         ft_range, ho_range = split_in_time(real_ds.target_range, real_ds.horizon, self.cfg.sim2real.finetune_holdout)
         common = dict(input_len=real_ds.input_len, label_len=real_ds.label_len, horizon=real_ds.horizon,
                       patch=real_ds.patch, scaler=real_ds.scaler, season_days=real_ds.season_days,
+                      season_stat=real_ds.season_stat,
                       history_start=real_ds.history_start, services=real_ds.services)
         fine = WindowDataset(real_ds.grid, stride=real_ds.stride, target_range=ft_range, **common)
         held = WindowDataset(real_ds.grid, target_range=ho_range, **common)
@@ -737,7 +739,8 @@ class Trainer:
         sim = build_sim_windows(s2r.sim_data, self.data.grid.services, self.data.grid.step, d.input_len,
                                 d.label_len, d.horizon, d.patch, stride=s2r.sim_stride or d.stride,
                                 scaler_kind=d.scaler, max_windows=s2r.max_sim_windows,
-                                seed=cfg.train.seed, season_days=d.season_days)
+                                seed=cfg.train.seed, season_days=d.season_days,
+                                     season_stat=d.season_stat)
         return len(sim)
 
     @staticmethod

@@ -82,7 +82,7 @@ class SimMSTNetConfig:
     highway_init: str = field(default="zero", metadata={
         "help": "initial highway weights: uniform (PyTorch's Linear default) or zero (the forecast starts "
                 "as the decoder's alone and the linear part grows as it helps)"})
-    season_anchor: bool = field(default=False, metadata={
+    season_anchor: bool = field(default=True, metadata={
         "help": "with seasonal history: subtract the seasonal values' own mean over the input steps, so "
                 "the model reads the daily shape of the previous days anchored to the input window's level "
                 "(robust to a level drift between the previous days and now)"})

@@ -33,7 +33,13 @@ def _method(table: str, key: str) -> B.Method:
 
 def _finished_run(folder: Path, profile, method, table, data, extra=(), mae=1.0) -> Path:
     """A finished run folder as the trainer leaves it (the parts the bench reads)."""
+    from simmstnet.data.grid import TrafficGrid
+    from simmstnet.models.registry import resolve_season_days
+
     cfg = B.run_config(profile, method, table, str(data), 0, folder, extra=list(extra))
+    # the trainer writes data.season_days resolved for the model (null -> its default)
+    cfg.data.season_days = resolve_season_days(cfg.model.name, cfg.data.season_days,
+                                               int(TrafficGrid.load(data).step), cfg.data.horizon)
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(dump_config(cfg))
     (folder / "metrics.json").write_text(json.dumps(_metrics(mae)))

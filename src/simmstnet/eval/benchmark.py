@@ -230,13 +230,11 @@ def _config_key(cfg) -> dict:
 def _season_key(cfg, stored: bool) -> int:
     """data.season_days as a run used it: a stored null is a run from before the option (0); a
     null in a new config is the model's default (the grid-step exception aside)."""
-    from simmstnet.models.registry import SEASON_DAYS_AUTO, _entry
+    from simmstnet.models.registry import resolve_season_days
 
-    if cfg.data.season_days is not None:
-        return int(cfg.data.season_days)
-    if stored:
+    if stored and cfg.data.season_days is None:
         return 0
-    return SEASON_DAYS_AUTO if getattr(_entry(cfg.model.name).cls, "reads_season", False) else 0
+    return resolve_season_days(cfg.model.name, cfg.data.season_days, None, cfg.data.horizon)
 
 
 def _finished(folder: Path) -> dict | None:

@@ -206,15 +206,17 @@ def build_config(name: str, **overrides: Any) -> Any:
 SEASON_DAYS_AUTO = 7
 
 
-def resolve_season_days(name: str, requested: int | None, step: int, horizon: int) -> int:
+def resolve_season_days(name: str, requested: int | None, step: int | None, horizon: int) -> int:
     """``data.season_days`` for model ``name``: ``requested`` when set; else (null) SEASON_DAYS_AUTO
-    for models that read it, when the grid step divides a day and the horizon is at most a day,
-    and 0 otherwise."""
+    for models that read it, when the grid step divides a day and the horizon is at most a day
+    (``step`` None: the grid is not known, that check is skipped), and 0 otherwise."""
+    from simmstnet.data.windows import DAY
+
     if requested is not None:
         return int(requested)
     if not getattr(_entry(name).cls, "reads_season", False):
         return 0
-    if step <= 0 or 86400 % step or horizon > 86400 // step:
+    if step is not None and (step <= 0 or DAY % step or horizon > DAY // step):
         return 0
     return SEASON_DAYS_AUTO
 

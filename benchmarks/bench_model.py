@@ -28,6 +28,7 @@ import time
 import torch
 
 from simmstnet.models import DataDims, build_model
+from simmstnet.models.registry import resolve_season_days
 from simmstnet.models.fake_batch import fake_batch
 from simmstnet.train.loss_weighting import DynamicLossWeighting
 from simmstnet.train.losses import masked_task_losses
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--label-len", type=int, default=12)
     p.add_argument("--horizon", type=int, default=6)
     p.add_argument("--patch", type=int, default=5)
+    p.add_argument("--season-days", type=int, default=None,
+                   help="seasonal history days (default: the model's data.season_days=null value, "
+                        "7 for sim-mstnet; 0 runs the form without it)")
     p.add_argument("--chunk", type=int, default=1000, help="windows per forward pass")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-batch", type=int, default=256)
@@ -136,13 +140,15 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.workers is None:
         args.workers = 2 if device.type == "cpu" else 1
-    dims = DataDims(args.services, args.input_len, args.label_len, args.horizon, args.patch, 5)
+    season = resolve_season_days(args.model, args.season_days, None, args.horizon)
+    dims = DataDims(args.services, args.input_len, args.label_len, args.horizon, args.patch, 5,
+                    season_days=season)
     torch.manual_seed(0)
     model = build_model(args.model, dims, **_parse_set(args.set)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model} {model.config if hasattr(model, 'config') else ''}", file=sys.stderr)
     print(f"device {device} threads {torch.get_num_threads()} workers {args.workers} params {n_params:,} "
-          f"bf16 {args.bf16}")
+          f"bf16 {args.bf16} season_days {season}")
 
     batch = fake_batch(dims, args.cells, seed=0, device=device)
     inf, inf_cpu = bench_inference(model, batch, args.chunk, device, args.bf16, args.repeats, args.workers)
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
             tmp.write_text(json.dumps({
                 "model": args.model, "device": str(device), "threads": args.threads,
                 "workers": args.workers, "train_threads": args.train_threads,
-                "params": n_params, "bf16": args.bf16, "cells": args.cells, "chunk": args.chunk,
+                "params": n_params, "bf16": args.bf16, "season_days": season, "cells": args.cells, "chunk": args.chunk,
                 "inference_s": inf, "inference_cpu_s": inf_cpu, "train_step_s": tr,
                 "train_batch": args.train_batch}, indent=1))
     return 0

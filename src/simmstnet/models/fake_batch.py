@@ -15,7 +15,8 @@ from simmstnet.models.registry import DataDims
 def fake_batch(dims: DataDims, batch_size: int, seed: int = 0, missing: float = 0.0,
                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """A batch dict with every key of the contract (B = batch_size); ``missing`` is the
-    fraction of entries marked unobserved (values there are 0)."""
+    fraction of entries marked unobserved (values there are 0). With ``dims.season_days`` > 0
+    it also carries the seasonal keys (x_season, y_season and their masks)."""
     g = torch.Generator().manual_seed(seed)
     b, c, l, h, k, f = (batch_size, dims.n_services, dims.input_len, dims.horizon, dims.patch,
                         dims.n_marks)
@@ -43,4 +44,12 @@ def fake_batch(dims: DataDims, batch_size: int, seed: int = 0, missing: float = 
         "y_mark": marks[:, l - dims.label_len:], "y": series[:, l:], "y_raw": series[:, l:] * 10 + 50,
         "y_mask": observed[:, l:], "index": torch.arange(b, dtype=torch.int64),
     }
+    if dims.season_days:
+        # The previous days' mean at the same times: the cycle itself plus a little noise.
+        clean = amp * torch.sin(2 * math.pi * hours / 24 + phase)
+        season = clean + 0.02 * torch.randn(b, total, c, generator=g)
+        dec = slice(l - dims.label_len, total)
+        batch.update({"x_season": season[:, :l], "x_season_mask": torch.ones(b, l, c, dtype=torch.bool),
+                      "y_season": season[:, dec],
+                      "y_season_mask": torch.ones(b, dims.label_len + h, c, dtype=torch.bool)})
     return {key: v.to(device) for key, v in batch.items()}

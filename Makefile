@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/simmstnet demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

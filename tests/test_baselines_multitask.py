@@ -215,7 +215,8 @@ def test_cell_channels_patch_mean_by_hand():
     assert cell_channels(batch, spatial=False).shape == (1, 1, 2)
 
 
-@pytest.mark.parametrize("name", MODELS)
+# The trainer path is the same for the three; the two slower ones run in CI (make test-slow).
+@pytest.mark.parametrize("name", [n if n == "mttc" else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
 def test_one_epoch_through_the_trainer(name, tmp_path):
     from simmstnet.train.trainer import Trainer
     from tests.train_helpers import tiny_config

@@ -122,6 +122,7 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(table1, tiny):
     assert again["rows"][0]["net_mae_mean"] == pytest.approx(res["rows"][1]["net_mae_mean"], rel=1e-6)
 
 
+@pytest.mark.slow  # ~35 s; test_table1_* keep the bench's paths in make test
 def test_table2_table3_fig2(tiny, tmp_path):
     logs: list[str] = []
     res = B.run_bench(["table2", "table3", "fig2"], str(tiny), tmp_path, 2, "test",

@@ -10,6 +10,7 @@ from simmstnet.demo import DemoConfig, run_demo
 from tests.conftest import make_grid
 
 
+@pytest.mark.slow  # ~50 s; CI also runs the full demo (make demo)
 def test_demo_on_a_user_grid_writes_report(tmp_path, capsys):
     grid = make_grid(T=24 * 10, H=4, W=4, seed=3)
     path = grid.save(tmp_path / "mine.npz")

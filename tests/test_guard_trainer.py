@@ -203,7 +203,7 @@ def _kill_after(epoch):
     return Hooks(on_epoch_end=on_epoch_end), Killed
 
 
-@pytest.mark.parametrize("kill_after", [3, 2])
+@pytest.mark.parametrize("kill_after", [3, pytest.param(2, marks=pytest.mark.slow)])  # [2]: ~17 s, in CI
 def test_resume_keeps_early_stopping_counter_and_best(tmp_path, guard_models, kill_after):
     grid = trend_grid(missing=0.0, seed=6)
     over = ["train.epochs=9", "train.patience=2", "train.batch_size=4096"]

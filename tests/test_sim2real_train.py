@@ -105,6 +105,7 @@ def test_sim_window_set_bookkeeping(files):
         capped.get_batch(np.array([300]))
 
 
+@pytest.mark.slow  # ~12 s, in CI; the resume of the plain loop stays in make test (test_resume)
 def test_bilevel_resume_continues_exactly(files, tmp_path):
     over = [f"data.path={files['real']}", f"sim2real.sim_data={files['sim']}", "sim2real.mode=bilevel",
             "train.epochs=3", "train.patience=0"]
@@ -232,7 +233,10 @@ def test_lower_coef_adds_the_weighted_sim_gradient():
 MODES = ("off", "mix", "l2rw", "bilevel", "finetune")
 
 
-@pytest.mark.parametrize("budget, per_epoch", [([], 2), (["sim2real.steps_per_epoch=3"], 3)])
+@pytest.mark.parametrize("budget, per_epoch", [
+    ([], 2),
+    pytest.param(["sim2real.steps_per_epoch=3"], 3, marks=pytest.mark.slow),  # ~20 s, in CI
+])
 def test_every_mode_takes_the_same_optimizer_steps(files, tmp_path, budget, per_epoch):
     """One step budget for every mode: off's real loader (~27 batches) does not set it."""
     counts = {}

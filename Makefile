@@ -50,7 +50,8 @@ MODULES ?= src/simmstnet/data/windows.py src/simmstnet/data/scaling.py src/simms
            src/simmstnet/data/telecom_italia.py src/simmstnet/train/trainer.py \
            src/simmstnet/train/loss_weighting.py src/simmstnet/train/checkpoint.py \
            src/simmstnet/eval/forecast.py src/simmstnet/eval/metrics.py src/simmstnet/sim/realism.py \
-           src/simmstnet/train/sim2real.py src/simmstnet/train/cutting_planes.py
+           src/simmstnet/train/sim2real.py src/simmstnet/train/cutting_planes.py \
+           src/simmstnet/train/sim2real_loop.py
 TESTS.src/simmstnet/data/windows.py        ?= tests/test_windows.py tests/test_guard_data.py
 TESTS.src/simmstnet/data/scaling.py        ?= tests/test_scaling.py
 TESTS.src/simmstnet/data/grid.py           ?= tests/test_grid.py tests/test_guard_data.py
@@ -63,6 +64,7 @@ TESTS.src/simmstnet/eval/metrics.py        ?= tests/test_metrics.py tests/test_g
 TESTS.src/simmstnet/sim/realism.py         ?= tests/test_sim_realism.py tests/test_guard_sim.py
 TESTS.src/simmstnet/train/sim2real.py      ?= tests/test_sim2real.py tests/test_sim2real_train.py
 TESTS.src/simmstnet/train/cutting_planes.py ?= tests/test_sim2real.py
+TESTS.src/simmstnet/train/sim2real_loop.py ?= tests/test_sim2real_train.py tests/test_resume.py tests/test_guard_trainer.py
 
 # Writes the copy's pyproject.toml: the pytest options and [tool.mutmut] of ours, with
 # only_mutate and the test selection set to one module and its tests.

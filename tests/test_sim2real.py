@@ -454,3 +454,45 @@ def test_a_warm_start_as_long_as_the_run_is_shortened():
     # a run long enough for its warm start is unchanged
     rw = BilevelReweighter(Linear(5), 10, cfg, sq_loss, steps_per_epoch=10, total_steps=20)
     assert (rw.T0, rw.T1, rw.note) == (10, 16, None)
+
+
+def test_a_mode_is_one_registered_class():
+    """register_mode: the mode check accepts the new name, make_reweighter builds its class, and
+    the loop's hooks have no-op defaults; a name is registered once. The experiment config offers
+    the modes registered when it is imported (those of sim2real.py and MODE_MODULES)."""
+    import dataclasses
+
+    from simmstnet.config import ExperimentConfig
+    from simmstnet.train import sim2real as S
+
+    assert S.modes() == ("off", "mix", "l2rw", "bilevel", "finetune") == S.MODES
+    field = {f.name: f for f in dataclasses.fields(ExperimentConfig().sim2real)}["mode"]
+    assert field.metadata["choices"] == S.modes()
+    assert S.mode_class("mix") is S.mode_class("off") is S.UniformReweighter
+
+    @S.register_mode("test-only")
+    class Halves(S.Reweighter):
+        mode = "test-only"
+
+        def step(self, sim_batch, real_batch):
+            loss = 0.5 * self._losses(self._params(), sim_batch).mean()
+            loss.backward()
+            self.t += 1
+            return self._log({"loss": float(loss.detach())})
+
+        def weights(self):
+            return torch.full((self.n_sim,), 0.5)
+
+    try:
+        assert "test-only" in S.modes() and Sim2RealConfig(mode="test-only").validate()
+        rw = make_reweighter(Sim2RealConfig(mode="test-only"), Linear(5), 20, sq_loss)
+        assert isinstance(rw, Halves)
+        assert rw.needs() == "both" and rw.lr_factor(lambda s, n: 1.0) is None and not rw.done
+        assert rw.real_windows("ds") == "ds" and rw.metrics_block() == {} and rw.note is None
+        assert rw.after_step(lambda ds: {}, print) is False and rw.start(None, print) is None
+        with pytest.raises(ValueError, match="registered twice"):
+            S.register_mode("mix")(Halves)
+    finally:
+        S._REGISTRY.pop("test-only", None)
+    with pytest.raises(UserError, match="choose one of off, mix, l2rw, bilevel, finetune"):
+        Sim2RealConfig(mode="test-only").validate()

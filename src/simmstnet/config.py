@@ -101,11 +101,11 @@ class TrainConfig:
 # The sim2real section reuses the reweighter's own dataclass (simmstnet.train.sim2real): every
 # field of it is a ``sim2real.<key>`` with the same default, plus the data-side keys below. Only
 # the one-line help texts live here (the dataclass documents its fields as comments).
-_S2R_DATA_KEYS: list[tuple[str, Any, Any, str, tuple | None]] = [
+_S2R_DATA_KEYS: list[tuple[str, Any, Any, str, tuple | str | None]] = [
     ("mode", str, "off", "use simulated data: off (real only), mix (sim+real, uniform weights), "
      "l2rw (learning to reweight, Ren et al. 2018), bilevel (the paper's cutting-plane weights), "
      "finetune (pretrain on sim, then fine-tune on real); alias train.sim2real",
-     ("off", "mix", "l2rw", "bilevel", "finetune")),
+     "modes"),  # the registered modes (simmstnet.train.sim2real.modes)
     ("sim_data", Optional[str], None, "simulated data for every mode but off: a TrafficGrid .npz or a "
      "scenario folder (simmstnet simulate --scenarios N); each scenario is scaled by its own scaler; "
      "alias train.sim_data", None),
@@ -167,12 +167,13 @@ _S2R_CHOICES = {"upper": ("unrolled", "theta"), "live_phase2": ("dual", "penalty
 
 def _make_sim2real_section() -> type:
     from simmstnet.train.sim2real import Sim2RealConfig as Core
+    from simmstnet.train.sim2real import modes
 
     hints = typing.get_type_hints(Core)
     core_defaults = Core()
     specs = []
     for name, hint, default, help_, choices in _S2R_DATA_KEYS:
-        specs.append((name, hint, _opt(default, help_, choices)))
+        specs.append((name, hint, _opt(default, help_, modes() if choices == "modes" else choices)))
     for f in dataclasses.fields(Core):
         if f.name == "mode":
             continue

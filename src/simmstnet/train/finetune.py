@@ -17,9 +17,14 @@ The reference any reweighting of simulated data has to beat. Over a run of S opt
    The model the run ends with is the best one on the held-out slice, so validation windows
    pick nothing (the trainer keeps the last epoch, as with ``upper_data=val``).
 
-The stepper shares the reweighter interface (:class:`~simmstnet.train.sim2real.Reweighter`):
-``step(sim_batch, real_batch)`` accumulates the gradient; :meth:`FineTuner.needs` tells the loop
-which batch the next step reads, :meth:`FineTuner.lr_factor` its schedule.
+The stepper shares the reweighter interface (:class:`~simmstnet.train.sim2real.Reweighter`) and
+is registered as ``sim2real.mode=finetune``: ``step(sim_batch, real_batch)`` accumulates the
+gradient; its mode hooks, which the loop (:mod:`simmstnet.train.sim2real_loop`) calls for every
+mode, hold what is particular to it: :meth:`FineTuner.needs` (which batch the next step reads),
+:meth:`FineTuner.real_windows` (the split into fine-tuning and held-out windows),
+:meth:`FineTuner.lr_factor` (its schedule), :meth:`FineTuner.before_step` (the optimizer's
+moments reset at the switch), :meth:`FineTuner.after_step` (the held-out checks, early stopping
+and the restore of the best parameters) and :meth:`FineTuner.metrics_block`.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from simmstnet.errors import UserError
-from simmstnet.train.sim2real import Reweighter
+from simmstnet.train.sim2real import Reweighter, register_mode
 
 
 def split_in_time(target_range: tuple[int, int], horizon: int,
@@ -51,11 +56,19 @@ def split_in_time(target_range: tuple[int, int], horizon: int,
     return (lo, cut), (cut, hi)
 
 
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
+
+
+@register_mode("finetune")
 class FineTuner(Reweighter):
     """Pretrain-then-fine-tune stepper; see the module docstring. Every simulated window has
     weight 1 (pretraining uses them uniformly)."""
 
     mode = "finetune"
+    real_windows_for = "to fine-tune on"
+    picks_model = "the held-out real windows pick the model"
+    history_keys = (*Reweighter.history_keys, "holdout_mae")
 
     def __init__(self, model, n_sim, cfg, sample_loss, device=None, steps_per_epoch=None,
                  total_steps=None):
@@ -68,8 +81,10 @@ class FineTuner(Reweighter):
         self.best_score = math.inf
         self.best_step = -1
         self.bad_checks = 0
-        self.done = False  # early stopping has fired: the trainer ends the run
+        self.done = False  # early stopping has fired: the loop ends the run
         self.checks: list[tuple[int, float]] = []
+        self.holdout = None  # the held-out real windows (real_windows)
+        self.pass_len: Optional[int] = None  # steps per pass over the fine-tuning windows (start)
 
     def phase(self, t: Optional[int] = None) -> str:
         t = self.t if t is None else t
@@ -92,6 +107,62 @@ class FineTuner(Reweighter):
 
     def weights(self) -> torch.Tensor:
         return torch.ones(self.n_sim)
+
+    # -- mode hooks ------------------------------------------------------------------------
+    def real_windows(self, real_ds):
+        """The fine-tuning windows of ``real_ds``; the held-out ones, split off in time
+        (:func:`split_in_time`), go to :attr:`holdout`."""
+        from simmstnet.data.windows import WindowDataset
+
+        ft_range, ho_range = split_in_time(real_ds.target_range, real_ds.horizon, self.cfg.finetune_holdout)
+        common = dict(input_len=real_ds.input_len, label_len=real_ds.label_len, horizon=real_ds.horizon,
+                      patch=real_ds.patch, scaler=real_ds.scaler, season_days=real_ds.season_days,
+                      season_stat=real_ds.season_stat,
+                      history_start=real_ds.history_start, services=real_ds.services)
+        fine = WindowDataset(real_ds.grid, stride=real_ds.stride, target_range=ft_range, **common)
+        self.holdout = WindowDataset(real_ds.grid, target_range=ho_range, **common)
+        return fine
+
+    def start(self, real_loader, log) -> None:
+        self.pass_len = len(real_loader)  # a held-out check after every pass over the fine-tuning windows
+        total = self.total_steps
+        log(f"sim2real finetune: {self.T_pre} pretraining steps on simulated windows, then "
+            f"{total - self.T_pre} fine-tuning steps on {len(real_loader.ds)} real windows at "
+            f"{self.cfg.finetune_lr_factor:g} x the learning rate; {len(self.holdout)} "
+            f"held-out real windows pick the model (checked every {self.pass_len} steps)")
+
+    def before_step(self, opt) -> None:
+        if self.t == self.T_pre and self.T_pre > 0:
+            opt.state.clear()  # fine-tuning starts with fresh moments (see the module docstring)
+
+    def after_step(self, evaluate, log) -> bool:
+        """The held-out check when one is due; at the end of fine-tuning (last step or early stop)
+        the best held-out parameters are loaded. Returns "stop now"."""
+        if self.phase(self.t - 1) != "finetune":
+            return False
+        last = self.t >= self.total_steps
+        if (self.t - self.T_pre) % self.pass_len == 0 or last:
+            res = evaluate(self.holdout)
+            mae = res["metrics"]["overall"]["mae"]
+            if mae is None or not math.isfinite(mae):
+                raise UserError(f"fine-tuning diverged: held-out MAE is {mae} at step {self.t} "
+                                f"(try a lower sim2real.finetune_lr_factor or train.lr)")
+            self.check(mae)
+        if last or self.done:
+            self.restore_best()
+            if self.done:
+                log(f"sim2real finetune: {self.bad_checks} held-out checks without gain, stopping at "
+                    f"step {self.t}; best held-out MAE {_fmt(self.best_score)} at step {self.best_step}")
+        return self.done
+
+    def metrics_block(self) -> dict:
+        cfg = self.cfg
+        return {"finetune": {"pretrain_steps": self.T_pre, "finetune_lr_factor": cfg.finetune_lr_factor,
+                             "l2sp": cfg.finetune_l2sp, "n_holdout_windows": len(self.holdout),
+                             "holdout_target_steps": list(self.holdout.target_range),
+                             "best_holdout_mae": self.best_score if math.isfinite(self.best_score) else None,
+                             "best_step": self.best_step, "checks": len(self.checks),
+                             "stopped_early": self.done}}
 
     def step(self, sim_batch, real_batch) -> dict:
         params = self._params()

@@ -1,7 +1,8 @@
 """Sim2real reweighting of simulated windows (paper sections 2.1-2.2).
 
 Every simulated window j has a free parameter lambda_j and weight w_j = sigmoid(lambda_j).
-Five modes share one interface (:func:`make_reweighter`):
+Five modes share one interface (:class:`Reweighter`, built by :func:`make_reweighter` from the
+registry of modes, :func:`register_mode`):
 
 * ``off``      real windows only;
 * ``mix``      simulated and real windows together, uniform weights (``real_share`` sets the
@@ -17,10 +18,11 @@ The reweighter is model-agnostic: it calls the model through
 the global simulated-window index in ``batch["index"]`` (docs/contracts.md), used to gather
 lambda entries.
 
-Per training step the loop calls ``diag = rw.step(sim_batch, real_batch)``: it updates the
-reweighter's own variables (lambda, duals, planes) and *accumulates* the model-parameter
-gradient into ``p.grad``, exactly as ``loss.backward()`` would. The loop then clips and steps
-its own optimizer, so schedulers, clipping and checkpointing stay where they are::
+Per training step the loop (:mod:`simmstnet.train.sim2real_loop`) calls
+``diag = rw.step(sim_batch, real_batch)``: it updates the reweighter's own variables (lambda,
+duals, planes) and *accumulates* the model-parameter gradient into ``p.grad``, exactly as
+``loss.backward()`` would. The loop then clips and steps its own optimizer, so schedulers,
+clipping and checkpointing stay where they are::
 
     rw = make_reweighter(cfg, model, n_sim, sample_loss, steps_per_epoch=S, total_steps=E * S)
     for epoch in range(E):
@@ -29,6 +31,17 @@ its own optimizer, so schedulers, clipping and checkpointing stay where they are
             diag = rw.step(sim_batch, real_batch)
             opt.step()
         log(rw.end_epoch())
+
+A mode's other needs are hooks of :class:`Reweighter` with no-op defaults, which the loop calls
+for every mode: :meth:`~Reweighter.needs` (which batches the next step reads),
+:meth:`~Reweighter.real_windows` (the real windows it trains on), :meth:`~Reweighter.lr_factor`
+(its learning-rate schedule), :meth:`~Reweighter.start`, :meth:`~Reweighter.before_step` and
+:meth:`~Reweighter.after_step` (around each step; ``after_step`` may end the epoch, and
+:attr:`~Reweighter.done` the run), :meth:`~Reweighter.metrics_block` (its part of metrics.json),
+and the class attributes :attr:`~Reweighter.real_windows_for`, :attr:`~Reweighter.picks_model`,
+:attr:`~Reweighter.second_order` and :attr:`~Reweighter.history_keys`. A new mode is one module:
+a :class:`Reweighter` subclass decorated with ``@register_mode("name")``, listed in
+:data:`MODE_MODULES` when it lives outside this file (as :mod:`simmstnet.train.finetune` does).
 
 Bilevel update rule (what is implemented, one iteration t, minibatch version)
 ----------------------------------------------------------------------------
@@ -124,7 +137,6 @@ from torch.func import functional_call
 from simmstnet.errors import UserError
 from simmstnet.train.cutting_planes import CuttingPlanes
 
-MODES = ("off", "mix", "l2rw", "bilevel", "finetune")
 UPPER_KINDS = ("unrolled", "theta")
 
 # Fields whose default is None: null is allowed, otherwise a number (real_batch_size an integer).
@@ -171,8 +183,8 @@ class Sim2RealConfig:
         def bad(field: str, why: str):
             raise UserError(f"sim2real.{field}={getattr(self, field)!r}: {why}")
 
-        if self.mode not in MODES:
-            bad("mode", f"choose one of {', '.join(MODES)}")
+        if self.mode not in modes():
+            bad("mode", f"choose one of {', '.join(modes())}")
         if self.live_phase2 not in ("dual", "penalty"):
             bad("live_phase2", "choose dual or penalty")
         if self.upper not in UPPER_KINDS:
@@ -248,6 +260,59 @@ class Sim2RealConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# mode registry
+# --------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type] = {}  # sim2real.mode -> Reweighter subclass, in registration order
+
+# Modules outside this file that register modes; imported on the first look-up (they import this
+# module, so it cannot import them at the top).
+MODE_MODULES = ("simmstnet.train.finetune",)
+
+
+def register_mode(*names: str):
+    """Class decorator: ``@register_mode("name")`` makes the :class:`Reweighter` subclass the
+    stepper of ``sim2real.mode=name`` (several names: one class serves them all, see
+    :class:`UniformReweighter`). :func:`make_reweighter` builds it as
+    ``cls(model, n_sim, cfg, sample_loss, device=..., steps_per_epoch=..., total_steps=...)``."""
+    def deco(cls):
+        for name in names:
+            if _REGISTRY.get(name, cls) is not cls:
+                raise ValueError(f"sim2real mode {name!r} is registered twice "
+                                 f"({_REGISTRY[name].__name__} and {cls.__name__})")
+            _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def _load_mode_modules() -> None:
+    import importlib
+
+    for module in MODE_MODULES:
+        importlib.import_module(module)
+
+
+def modes() -> tuple[str, ...]:
+    """Every registered ``sim2real.mode`` name (off, mix, l2rw, bilevel, finetune, ...)."""
+    _load_mode_modules()
+    return tuple(_REGISTRY)
+
+
+def mode_class(name: str) -> type:
+    """The :class:`Reweighter` subclass registered for ``sim2real.mode=name``."""
+    known = modes()
+    if name not in known:
+        raise UserError(f"sim2real.mode={name!r}: choose one of {', '.join(known)}")
+    return _REGISTRY[name]
+
+
+def __getattr__(name: str):
+    # ``MODES``: the registered mode names, looked up when read (the registry fills at import time)
+    if name == "MODES":
+        return modes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
 # shared machinery
 # --------------------------------------------------------------------------------------------
 def second_order_attention(device: torch.device):
@@ -266,14 +331,28 @@ def second_order_attention(device: torch.device):
 
 
 class Reweighter:
-    """Common interface. Subclasses implement :meth:`step` and :meth:`weights`.
+    """Common interface. Subclasses implement :meth:`step` and :meth:`weights`; the mode hooks
+    below (what the training loop, :mod:`simmstnet.train.sim2real_loop`, asks of a mode) have
+    defaults that do nothing, so a mode overrides only those it needs.
 
     ``model``: a bare ``nn.Module`` (not DDP-wrapped) with ``model(batch) -> pred``;
     ``n_sim``: number of simulated windows N; ``sample_loss(pred, batch) -> (B,)``.
     """
 
     mode = "base"
-    second_order = False  # differentiates through gradients: forwards avoid fused attention kernels
+    # Differentiates through gradients: forwards avoid fused attention kernels, and the loop runs
+    # the step without bf16 autocast (second-order graphs stay in fp32).
+    second_order = False
+    # The mode cannot train without real windows: what it needs them for (in the error message
+    # when data.train_days leaves none); None = it may train on simulated windows only.
+    real_windows_for: Optional[str] = None
+    # The mode picks its own model (how, for the log); validation then picks no epoch and the last
+    # one is kept. Empty = validation picks the best epoch as usual.
+    picks_model: str = ""
+    # Keys of end_epoch()'s summary copied into history.csv (as s2r_<key>), when present.
+    history_keys: tuple[str, ...] = ("G", "h", "planes", "gamma0", "w_mean", "w_std")
+    note: Optional[str] = None  # set by a mode that adapted its settings to the run (logged once)
+    done = False  # set by a mode that ends the run early (the loop stops after the epoch)
 
     def __init__(self, model: nn.Module, n_sim: int, cfg: Sim2RealConfig, sample_loss: SampleLoss,
                  device=None, steps_per_epoch: Optional[int] = None,
@@ -315,6 +394,37 @@ class Reweighter:
     def step(self, sim_batch: Optional[dict], real_batch: Optional[dict]) -> dict:
         raise NotImplementedError
 
+    # -- mode hooks (called by the loop for every mode; the defaults do nothing) ---------------
+    def needs(self) -> str:
+        """The batches the next step reads: ``both`` (default), ``sim`` or ``real``."""
+        return "both"
+
+    def real_windows(self, real_ds):
+        """The real windows (a WindowDataset, or None) the mode draws real batches from, given the
+        ones ``sim2real.upper_data`` names; called once, before the real loader is built."""
+        return real_ds
+
+    def lr_factor(self, base: Callable[[int, int], float]) -> Optional[Callable[[int], float]]:
+        """The learning-rate factor per optimizer step, from ``base(step, n)`` (the run's schedule
+        over n steps); None (default) = ``base`` over every step of the run."""
+        return None
+
+    def start(self, real_loader, log: Callable[[str], None]) -> None:
+        """Called once the optimizer, scheduler and real loader exist (before any resume)."""
+
+    def before_step(self, opt: torch.optim.Optimizer) -> None:
+        """Called before each step's gradient, with the loop's optimizer."""
+
+    def after_step(self, evaluate: Callable, log: Callable[[str], None]) -> bool:
+        """Called after each optimizer step; True ends the epoch now. ``evaluate(dataset)`` gives
+        :func:`simmstnet.eval.forecast.evaluate`'s result for the current model without moving the
+        training RNG streams."""
+        return False
+
+    def metrics_block(self) -> dict:
+        """Entries the mode adds to metrics.json's ``sim2real`` block (default none)."""
+        return {}
+
     def weights(self) -> torch.Tensor:
         """(n_sim,) current weight of every simulated window."""
         raise NotImplementedError
@@ -352,6 +462,7 @@ class Reweighter:
         self.t = int(state["t"])
 
 
+@register_mode("off", "mix")
 class UniformReweighter(Reweighter):
     """``off`` (real windows only) and ``mix`` (simulated + real, every window weight 1).
 
@@ -361,9 +472,10 @@ class UniformReweighter(Reweighter):
     mean (r = 0 or 1 skips the other forward pass).
     """
 
-    def __init__(self, *args, mode: str = "mix", **kwargs):
+    def __init__(self, *args, mode: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.mode = mode
+        # one class, two modes: the config's (make_reweighter), or mix unless the config says off
+        self.mode = mode if mode is not None else ("off" if self.cfg.mode == "off" else "mix")
 
     def step(self, sim_batch, real_batch) -> dict:
         params = self._params()
@@ -399,6 +511,7 @@ class UniformReweighter(Reweighter):
         return torch.full((self.n_sim,), value)
 
 
+@register_mode("l2rw")
 class L2RWReweighter(Reweighter):
     """One-step learning to reweight (Ren et al., 2018).
 
@@ -412,6 +525,7 @@ class L2RWReweighter(Reweighter):
 
     mode = "l2rw"
     second_order = True
+    real_windows_for = "for its upper level"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -461,6 +575,7 @@ class L2RWReweighter(Reweighter):
         self.w_count = state["w_count"].double().clone()
 
 
+@register_mode("bilevel")
 class BilevelReweighter(Reweighter):
     """The cutting-plane bilevel method; see the module docstring for the exact update rule.
 
@@ -471,6 +586,7 @@ class BilevelReweighter(Reweighter):
 
     mode = "bilevel"
     second_order = True
+    real_windows_for = "for its upper level"
 
     def __init__(self, model, n_sim, cfg, sample_loss, device=None, steps_per_epoch=None,
                  total_steps=None):
@@ -485,7 +601,7 @@ class BilevelReweighter(Reweighter):
             self.T1 = int(round(cfg.t1 * total_steps))
         else:
             self.T1 = int(cfg.t1)
-        self.note = None  # how the phases were fitted to a short run (the trainer logs it)
+        self.note = None  # how the phases were fitted to a short run (the loop logs it)
         if total_steps and self.T0 >= total_steps and self.T1 > 0:
             # A warm start as long as the run (train.epochs <= warm_start_epochs, e.g. a one-epoch
             # check) would leave no reweighting step: it shrinks to half of the iterations before
@@ -712,15 +828,8 @@ class BilevelReweighter(Reweighter):
 def make_reweighter(cfg: Sim2RealConfig, model: nn.Module, n_sim: int, sample_loss: SampleLoss,
                     device=None, steps_per_epoch: Optional[int] = None,
                     total_steps: Optional[int] = None) -> Reweighter:
-    """The reweighter for ``cfg.mode``; all share ``step``/``weights``/``end_epoch``/state."""
+    """The reweighter registered for ``cfg.mode`` (:func:`register_mode`); all share
+    ``step``/``weights``/``end_epoch``/state and the mode hooks."""
     cfg.validate()
-    kw = dict(device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    if cfg.mode in ("off", "mix"):
-        return UniformReweighter(model, n_sim, cfg, sample_loss, mode=cfg.mode, **kw)
-    if cfg.mode == "l2rw":
-        return L2RWReweighter(model, n_sim, cfg, sample_loss, **kw)
-    if cfg.mode == "finetune":
-        from simmstnet.train.finetune import FineTuner
-
-        return FineTuner(model, n_sim, cfg, sample_loss, **kw)
-    return BilevelReweighter(model, n_sim, cfg, sample_loss, **kw)
+    return mode_class(cfg.mode)(model, n_sim, cfg, sample_loss, device=device,
+                                steps_per_epoch=steps_per_epoch, total_steps=total_steps)

@@ -15,21 +15,19 @@ Steps (:meth:`Trainer.run`):
    ``history.csv``, loss curves and a forecast-vs-truth figure per service.
 
 Sim2real (``sim2real.mode`` mix | l2rw | bilevel | finetune, see :mod:`simmstnet.train.sim2real`):
-every mode, ``off`` included once ``sim2real.sim_data`` is set, takes the same number of optimizer
+the trainer hands the epoch loop to :class:`~simmstnet.train.sim2real_loop.Sim2RealLoop` (one
+entry point, ``Sim2RealLoop.run``), which calls back into the generic pieces kept here
+(``_end_epoch``: validation, early stopping, best checkpoint, history row; ``_save_last`` /
+``_restore``; ``_write_history``); ``_finish`` adds the loop's ``sim2real`` block to metrics.json.
+Every mode, ``off`` included once ``sim2real.sim_data`` is set, takes the same number of optimizer
 steps per epoch (``sim2real.steps_per_epoch``; null = ceil(min(simulated windows,
-``train.max_windows_per_epoch``) / batch size)); simulated batches of ``sim2real.sim_data``
-(:mod:`simmstnet.train.sim_data`) and real ones, from the real training windows
-(``sim2real.upper_data=train``) or the validation windows (``val``), are drawn in reshuffled passes
-for as long as the epoch needs (finetune reads simulated batches, then real ones; see
-:mod:`simmstnet.train.finetune`, whose held-out real windows pick the model). Each step calls
-``reweighter.step(sim_batch, real_batch)``, which accumulates the gradient; the trainer clips,
-steps the optimizer and the schedule as usual. A window's loss is the task-weighted sum of its
-per-service masked mean losses (the task weights are updated once per step from every loss the
-reweighter evaluated). When ``data.train_days`` leaves no complete real training window, ``mix``
-trains on simulated windows only and l2rw/bilevel need ``sim2real.upper_data=val``. With
-``upper_data=val`` the validation windows are training data: early stopping is off and the last
-epoch is kept as the model (logged, and recorded in metrics.json). The reweighter's state is part
-of ``last.pt``; diagnostics go to ``sim2real_*`` files (:mod:`simmstnet.train.sim2real_report`).
+``train.max_windows_per_epoch``) / batch size); :func:`simmstnet.train.sim2real_loop.steps_per_epoch`).
+When ``data.train_days`` leaves no complete real training window, ``mix`` trains on simulated
+windows only and l2rw/bilevel/finetune need ``sim2real.upper_data=val``. With ``upper_data=val``
+the validation windows are training data: early stopping is off and the last epoch is kept as the
+model (logged, and recorded in metrics.json); the same when the mode picks its own model
+(finetune's held-out real windows). The reweighter's state is part of ``last.pt``; diagnostics go
+to ``sim2real_*`` files (:mod:`simmstnet.train.sim2real_report`).
 
 Under ``torchrun`` every rank trains on its shard (DistributedDataParallel); rank 0 alone
 evaluates and writes (see :mod:`simmstnet.train.distributed`).
@@ -214,13 +212,16 @@ def schedule_factor(cfg, steps_per_epoch: int) -> Callable[[int, int], float]:
 
 
 def make_scheduler(opt, cfg, steps_per_epoch: int,
-                   compose: Callable[[Callable[[int, int], float]], Callable[[int], float]] | None = None
+                   compose: Callable[[Callable[[int, int], float]], Callable[[int], float] | None] | None = None
                    ) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped after every optimizer step: :func:`schedule_factor` over all planned steps, or
-    ``compose(schedule_factor)`` (the finetune mode runs it once per phase)."""
+    ``compose(schedule_factor)`` when that is not None (a sim2real mode's ``lr_factor``: finetune
+    runs it once per phase)."""
     total = max(1, cfg.epochs * steps_per_epoch)
     base = schedule_factor(cfg, steps_per_epoch)
-    factor = compose(base) if compose is not None else (lambda step: base(step, total))
+    factor = compose(base) if compose is not None else None
+    if factor is None:
+        factor = lambda step: base(step, total)  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -273,14 +274,28 @@ class Trainer:
         self.quiet = quiet
         self.hooks = hooks or Hooks()
         self.history: list[dict] = []
-        self.sim = None  # SimWindowSet (sim2real modes)
-        self.rw = None  # Reweighter (sim2real modes)
-        self.s2r_history: list[dict] = []
+        self.s2r_loop = None  # Sim2RealLoop (sim2real modes, see simmstnet.train.sim2real_loop)
         self.val_is_training = cfg.sim2real.mode != "off" and cfg.sim2real.upper_data == "val"
         # Validation picks no epoch (every epoch counts as the best, the last is kept) when it was
-        # training data, or under finetune, whose own held-out slice of the real windows picks the model.
-        self.keep_last = self.val_is_training or cfg.sim2real.mode == "finetune"
-        self.holdout = None  # finetune: the held-out real windows
+        # training data, or when the mode picks its own model (finetune: a held-out slice of the
+        # real windows; Reweighter.picks_model).
+        self.keep_last = self.val_is_training or (cfg.sim2real.mode != "off" and bool(_mode_picks_model(cfg)))
+
+    # sim2real pieces, for hooks and tests (the loop owns them)
+    @property
+    def rw(self):
+        """The reweighter of a sim2real run (None otherwise, or before it is built)."""
+        return self.s2r_loop.rw if self.s2r_loop is not None else None
+
+    @property
+    def sim(self):
+        """The simulated window set of a sim2real run (None otherwise)."""
+        return self.s2r_loop.sim if self.s2r_loop is not None else None
+
+    @property
+    def holdout(self):
+        """The real windows a mode keeps aside to pick its model (finetune), else None."""
+        return self.s2r_loop.holdout if self.s2r_loop is not None else None
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str) -> None:
@@ -329,7 +344,9 @@ class Trainer:
         seed_everything(tc.seed)
         s2r = cfg.sim2real
         if s2r.mode != "off":
-            self._check_sim2real_setup(info)
+            from simmstnet.train.sim2real_loop import Sim2RealLoop
+
+            self.s2r_loop = Sim2RealLoop(self)  # checks the setup: simulated data, one process
         self.data = data = prepare_data(cfg, self.grid, allow_no_train=s2r.mode != "off")
         services = data.grid.services
         n_train = len(data.train) if data.train is not None else 0
@@ -337,7 +354,7 @@ class Trainer:
                  f"test {len(data.test)}; device {device}"
                  + (f", {info.world_size} processes" if info.enabled else ""))
         if s2r.mode != "off":
-            self._load_sim(data)
+            self.s2r_loop.load_sim(data)
 
         self.dims = dims = DataDims.from_dataset(data.train if data.train is not None else self.sim.datasets[0])
         model = build_model(cfg.model.name, dims, **cfg.model.options)
@@ -383,79 +400,26 @@ class Trainer:
             return {}
         return self._finish(model)
 
-    # ------------------------------------------------------------------ sim2real setup
-    def _check_sim2real_setup(self, info) -> None:
-        s2r = self.cfg.sim2real
-        if s2r.sim_data is None:
-            raise UserError(f"sim2real.mode={s2r.mode} needs simulated data: set sim2real.sim_data="
-                            f"FILE.npz or a scenario folder (simmstnet simulate)")
-        if info.enabled:
-            raise UserError(f"sim2real.mode={s2r.mode} does not run under torchrun/DDP (the reweighter "
-                            f"differentiates through the bare model); train on one process")
-
-    def _load_sim(self, data: RunData) -> None:
-        """Build the simulated window set and check that the real windows the mode needs exist."""
-        from simmstnet.train.sim_data import build_sim_windows
-
-        cfg, d, s2r = self.cfg, self.cfg.data, self.cfg.sim2real
-        self.real_upper = data.val if s2r.upper_data == "val" else data.train
-        if self.real_upper is None:
-            if s2r.mode in ("l2rw", "bilevel", "finetune"):
-                what = "to fine-tune on" if s2r.mode == "finetune" else "for its upper level"
-                raise UserError(f"sim2real.mode={s2r.mode} needs real windows {what}, but "
-                                f"data.train_days={d.train_days} leaves no complete training window "
-                                f"(input_len + horizon = {d.input_len + d.horizon} steps); set "
-                                f"sim2real.upper_data=val to use the validation span")
-            if s2r.real_share is not None:
-                raise UserError(f"sim2real.real_share={s2r.real_share}: data.train_days={d.train_days} "
-                                f"leaves no complete real training window to draw that share from; set "
-                                f"sim2real.real_share=null or sim2real.upper_data=val")
-            self.log(f"data.train_days={d.train_days} leaves no complete real training window: "
-                     f"sim2real.mode=mix trains on simulated windows only")
-        self.sim = build_sim_windows(s2r.sim_data, data.grid.services, data.grid.step, d.input_len,
-                                     d.label_len, d.horizon, d.patch, stride=s2r.sim_stride or d.stride,
-                                     scaler_kind=d.scaler, max_windows=s2r.max_sim_windows,
-                                     seed=cfg.train.seed, season_days=d.season_days,
-                                     season_stat=d.season_stat)
-        self.log(f"sim2real {s2r.mode}: {len(self.sim)} simulated windows (of {self.sim.n_available}) "
-                 f"from {self.sim.n_scenarios} scenario(s); real windows for it: "
-                 f"{len(self.real_upper) if self.real_upper is not None else 0} ({s2r.upper_data})"
-                 + ("; validation windows are training data: early stopping off, last epoch kept"
-                    if self.val_is_training else "")
-                 + ("; the held-out real windows pick the model, validation picks no epoch (last kept)"
-                    if s2r.mode == "finetune" else ""))
-
-    def _sample_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
-        """(B,) each window's task-weighted loss: sum_c w_c * (masked mean loss of service c).
-
-        pred, batch["y"]: (B, H, C) scaled; the per-service sums and counts are recorded so the
-        step can update the task weighting and the logged training losses."""
-        from simmstnet.train.losses import masked_sample_losses
-
-        sums, counts = masked_sample_losses(pred.float(), batch["y"], batch["y_mask"], kind=self.cfg.train.loss)
-        self._task_record.append((sums.detach().sum(0), counts.detach().sum(0)))
-        per_task = sums / counts.clamp_min(1.0)                                  # (B, C)
-        return (per_task * self._task_w.to(per_task)).sum(1)
-
     # ------------------------------------------------------------------ training
     def _train(self, model, services, make_loss_weighting) -> None:
         from simmstnet.data.windows import BatchLoader
         from simmstnet.train.losses import masked_sample_losses
+        from simmstnet.train.sim2real_loop import passes, sim_pool_size, steps_per_epoch, steps_rule
 
-        if self.cfg.sim2real.mode != "off":
-            return self._train_sim2real(model, services, make_loss_weighting)
+        if self.s2r_loop is not None:  # every sim2real mode: simmstnet.train.sim2real_loop
+            return self.s2r_loop.run(model, services, make_loss_weighting)
         cfg, tc, info = self.cfg, self.cfg.train, self.dist
         device = info.device
         loader = BatchLoader(self.data.train, tc.batch_size, shuffle=True, seed=tc.seed,
                              drop_last=False, rank=info.rank, world_size=info.world_size)
         # With sim2real.sim_data set, real-only training takes the sim2real modes' step budget
         # (compared modes then differ only in what they train on); otherwise one pass per epoch.
-        pool = self._sim_pool_size() if cfg.sim2real.sim_data is not None else None
-        steps = self._steps_per_epoch(pool, len(loader))
+        pool = sim_pool_size(cfg, self.data.grid) if cfg.sim2real.sim_data is not None else None
+        steps = steps_per_epoch(cfg, info.world_size, pool, len(loader))
         # DDP needs the same number of steps on every rank (shards may differ by one window).
         steps = D.all_reduce_min(info, steps)
         if pool is not None or cfg.sim2real.steps_per_epoch is not None:
-            self.log(f"real only: {steps} optimizer steps per epoch ({self._steps_rule(pool)})")
+            self.log(f"real only: {steps} optimizer steps per epoch ({steps_rule(cfg, pool)})")
         opt = make_optimizer(model.parameters(), tc)
         sched = make_scheduler(opt, tc, steps)
         if hasattr(model, "schedule_for"):  # schedules that scale with the run (DCRNN's curriculum)
@@ -488,7 +452,7 @@ class Trainer:
             sum_total, n_steps = 0.0, 0
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{tc.epochs}", unit="step", leave=False,
                        file=sys.stderr, disable=(not self.progress or not info.is_main) or None)
-            for i, batch in enumerate(self._passes(loader, epoch)):
+            for i, batch in enumerate(passes(loader, epoch)):
                 if i >= steps:
                     break
                 if self.hooks.on_batch is not None:
@@ -542,270 +506,6 @@ class Trainer:
             self.finished = True
             self._save_last(model, opt, sched, weighting)
 
-    def _train_sim2real(self, model, services, make_loss_weighting) -> None:
-        """The epoch loop of mix / l2rw / bilevel / finetune (one process; see the module docstring)."""
-        from simmstnet.config import reweighter_config
-        from simmstnet.data.windows import BatchLoader
-        from simmstnet.train.sim2real import make_reweighter
-
-        cfg, tc, device = self.cfg, self.cfg.train, self.dist.device
-        mode = cfg.sim2real.mode
-        finetune = mode == "finetune"
-        sim_loader = BatchLoader(self.sim, tc.batch_size, shuffle=True, seed=tc.seed)
-        steps = self._steps_per_epoch(len(self.sim), len(sim_loader))
-        total = tc.epochs * steps
-        self.log(f"sim2real {mode}: {steps} optimizer steps per epoch, {total} in all "
-                 f"({self._steps_rule(len(self.sim))})")
-        real_ds = self.real_upper
-        if finetune:
-            real_ds, self.holdout = self._finetune_split(real_ds)
-        real_loader = (BatchLoader(real_ds, cfg.sim2real.real_batch_size or tc.batch_size, shuffle=True,
-                                   seed=tc.seed + 1) if real_ds is not None else None)
-        opt = make_optimizer(model.parameters(), tc)
-        weighting = make_loss_weighting(tc.loss_weighting, len(services), beta=tc.weighting_beta,
-                                        tau=tc.weighting_tau)
-        self._task_w = weighting.current()
-        # weight_by=scenario: one lambda per simulated city; the reweighter then sees the scenario
-        # id as the window index (see _rw_batch) and has n_scenarios "windows".
-        self.per_scenario = cfg.sim2real.weight_by == "scenario"
-        n_lambda = self.sim.n_scenarios if self.per_scenario else len(self.sim)
-        self.rw = make_reweighter(reweighter_config(cfg.sim2real), model, n_lambda, self._sample_loss,
-                                  device=device, steps_per_epoch=steps, total_steps=total)
-        if getattr(self.rw, "note", None):
-            self.log(f"sim2real {mode}: {self.rw.note}")
-        sched = make_scheduler(opt, tc, steps, compose=self.rw.lr_factor if finetune else None)
-        if hasattr(model, "schedule_for"):  # schedules that scale with the run (DCRNN's curriculum)
-            model.schedule_for(total)
-        if finetune:
-            pass_len = len(real_loader)  # a held-out check after every pass over the fine-tuning windows
-            self.log(f"sim2real finetune: {self.rw.T_pre} pretraining steps on simulated windows, then "
-                     f"{total - self.rw.T_pre} fine-tuning steps on {len(real_ds)} real windows at "
-                     f"{cfg.sim2real.finetune_lr_factor:g} x the learning rate; {len(self.holdout)} "
-                     f"held-out real windows pick the model (checked every {pass_len} steps)")
-        if self.resume:
-            self._restore(model, opt, sched, weighting)
-        if self.finished:
-            self.log(f"{self.out}: training had finished; redoing the final evaluation")
-            return
-        eval_bs = tc.eval_batch_size or 4 * tc.batch_size
-        stop = (tc.patience > 0 and self.bad_epochs >= tc.patience) or getattr(self.rw, "done", False)
-        C = len(services)
-        for epoch in range(self.epoch + 1, tc.epochs + 1):
-            if stop:
-                break
-            t0 = time.perf_counter()
-            sim_iter = self._passes(sim_loader, epoch)
-            real_iter = self._cycle(real_loader, epoch) if real_loader is not None else None
-            model.train()
-            sum_loss = torch.zeros(C, dtype=torch.float64)
-            sum_total, n_steps = 0.0, 0
-            bar = tqdm(total=steps, desc=f"epoch {epoch}/{tc.epochs} ({mode})", unit="step", leave=False,
-                       file=sys.stderr, disable=not self.progress or None)
-            for _ in range(steps):
-                # finetune reads one kind of batch per step; the other modes read both
-                need = self.rw.needs() if finetune else "both"
-                sim_batch = next(sim_iter) if need != "real" else None
-                real_batch = next(real_iter) if real_iter is not None and need != "sim" else None
-                if self.hooks.on_batch is not None:
-                    self.hooks.on_batch(0, sim_batch if sim_batch is not None else real_batch)
-                if sim_batch is not None:
-                    sim_batch = prepare_batch(sim_batch, self.sim, model, device)
-                    if self.per_scenario:
-                        sim_batch = {**sim_batch, "index": sim_batch["scenario"]}
-                if real_batch is not None:
-                    real_batch = prepare_batch(real_batch, real_ds, model, device)
-                if finetune and self.rw.t == self.rw.T_pre and self.rw.T_pre > 0:
-                    opt.state.clear()  # fine-tuning starts with fresh moments (see train/finetune.py)
-                self._task_w = weighting.current()
-                self._task_record = []
-                opt.zero_grad(set_to_none=True)
-                # bf16 autocast only for first-order steps; second-order graphs stay in fp32
-                with autocast(device, tc.amp and mode in ("mix", "finetune")):
-                    diag = self.rw.step(sim_batch, real_batch)
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                opt.step()
-                sched.step()
-                sums = sum(r[0] for r in self._task_record)
-                counts = sum(r[1] for r in self._task_record)
-                step_losses = (sums / counts.clamp_min(1.0)).double().cpu()
-                weighting.weights(step_losses)
-                sum_loss += step_losses
-                sum_total += float(diag.get("loss", diag.get("G", float("nan"))))
-                n_steps += 1
-                if n_steps % tc.log_every == 0 or n_steps == steps:
-                    post = {k: f"{diag[k]:.4g}" for k in ("loss", "G", "h") if k in diag}
-                    if "phase" in diag:
-                        post["phase"] = diag["phase"]
-                    bar.set_postfix(post)
-                bar.update(1)
-                if finetune and self._finetune_check(model, eval_bs, pass_len, total):
-                    break
-            bar.close()
-            if n_steps == 0:
-                raise UserError(f"no training step in epoch {epoch}: {len(self.sim)} simulated windows")
-            train_seconds = time.perf_counter() - t0
-            summary = self.rw.end_epoch()
-            self.s2r_history.append({**summary, "steps": n_steps, "train_seconds": train_seconds})
-            extra = {f"s2r_{k}": summary[k] for k in ("G", "h", "planes", "gamma0", "w_mean", "w_std",
-                                                      "holdout_mae") if k in summary}
-            extra["s2r_train_seconds"] = train_seconds
-            extra["steps"] = n_steps
-            stop = self._end_epoch(epoch, model, services, sum_loss / n_steps, sum_total / n_steps,
-                                   weighting, opt, train_seconds, eval_bs, extra=extra)
-            stop = stop or getattr(self.rw, "done", False)
-            self._rng = [ckpt.rng_state()]
-            self._save_last(model, opt, sched, weighting)
-            self._write_history()
-            self._write_sim2real()
-            if self.hooks.on_epoch_end is not None:
-                self.hooks.on_epoch_end(epoch, self)
-            if stop:
-                break
-        self.finished = True
-        self._save_last(model, opt, sched, weighting)
-
-    def _finetune_check(self, model, eval_bs: int, pass_len: int, total: int) -> bool:
-        """finetune, after a step: the held-out check when one is due; at the end of fine-tuning
-        (last step or early stop) the best held-out parameters are loaded. Returns "stop now"."""
-        rw = self.rw
-        if rw.phase(rw.t - 1) != "finetune":
-            return False
-        last = rw.t >= total
-        if (rw.t - rw.T_pre) % pass_len == 0 or last:
-            device = self.dist.device
-            tc = self.cfg.train
-            # like validation, the check must not move the training RNG streams
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                res = evaluate(model, self.holdout, eval_bs, device, tc.amp, tc.loss, progress=False)
-            model.train()
-            mae = res["metrics"]["overall"]["mae"]
-            if mae is None or not math.isfinite(mae):
-                raise UserError(f"fine-tuning diverged: held-out MAE is {mae} at step {rw.t} "
-                                f"(try a lower sim2real.finetune_lr_factor or train.lr)")
-            rw.check(mae)
-        if last or rw.done:
-            rw.restore_best()
-            if rw.done:
-                self.log(f"sim2real finetune: {rw.bad_checks} held-out checks without gain, stopping at "
-                         f"step {rw.t}; best held-out MAE {_fmt(rw.best_score)} at step {rw.best_step}")
-        return rw.done
-
-    def _finetune_split(self, real_ds):
-        """(fine-tuning windows, held-out windows) of ``real_ds``, split in time
-        (:func:`simmstnet.train.finetune.split_in_time`)."""
-        from simmstnet.data.windows import WindowDataset
-        from simmstnet.train.finetune import split_in_time
-
-        ft_range, ho_range = split_in_time(real_ds.target_range, real_ds.horizon, self.cfg.sim2real.finetune_holdout)
-        common = dict(input_len=real_ds.input_len, label_len=real_ds.label_len, horizon=real_ds.horizon,
-                      patch=real_ds.patch, scaler=real_ds.scaler, season_days=real_ds.season_days,
-                      season_stat=real_ds.season_stat,
-                      history_start=real_ds.history_start, services=real_ds.services)
-        fine = WindowDataset(real_ds.grid, stride=real_ds.stride, target_range=ft_range, **common)
-        held = WindowDataset(real_ds.grid, target_range=ho_range, **common)
-        return fine, held
-
-    def _steps_per_epoch(self, pool: int | None, loader_len: int) -> int:
-        """Optimizer steps per epoch, one rule for every mode (off included) once simulated data
-        are set: sim2real.steps_per_epoch; else ceil(min(simulated pool, train.max_windows_per_epoch)
-        / global batch). Without simulated data (``pool`` None): one pass over the loader, at most
-        ceil(train.max_windows_per_epoch / global batch)."""
-        s2r, tc = self.cfg.sim2real, self.cfg.train
-        if s2r.steps_per_epoch is not None:
-            return int(s2r.steps_per_epoch)
-        batch = tc.batch_size * self.dist.world_size
-        if pool is None:
-            steps = loader_len
-            if tc.max_windows_per_epoch is not None:
-                # The order is a fresh permutation each epoch, so its head is a random subset.
-                steps = min(steps, math.ceil(tc.max_windows_per_epoch / batch))
-            return steps
-        n = pool if tc.max_windows_per_epoch is None else min(pool, tc.max_windows_per_epoch)
-        return max(1, math.ceil(n / batch))
-
-    def _steps_rule(self, pool: int | None) -> str:
-        s2r, tc = self.cfg.sim2real, self.cfg.train
-        if s2r.steps_per_epoch is not None:
-            return "sim2real.steps_per_epoch"
-        cap = "" if tc.max_windows_per_epoch is None else f", train.max_windows_per_epoch={tc.max_windows_per_epoch}"
-        return f"the same for every mode: {pool} simulated windows{cap} / batch size {tc.batch_size}"
-
-    def _sim_pool_size(self) -> int:
-        """Simulated windows a sim2real mode would use (the step budget of real-only training)."""
-        from simmstnet.train.sim_data import build_sim_windows
-
-        cfg, d, s2r = self.cfg, self.cfg.data, self.cfg.sim2real
-        sim = build_sim_windows(s2r.sim_data, self.data.grid.services, self.data.grid.step, d.input_len,
-                                d.label_len, d.horizon, d.patch, stride=s2r.sim_stride or d.stride,
-                                scaler_kind=d.scaler, max_windows=s2r.max_sim_windows,
-                                seed=cfg.train.seed, season_days=d.season_days,
-                                     season_stat=d.season_stat)
-        return len(sim)
-
-    @staticmethod
-    def _passes(loader, epoch: int):
-        """An epoch's batches: the loader's order for ``epoch``, then further passes, each reshuffled
-        reproducibly from (epoch, pass), when the epoch takes more steps than one pass holds."""
-        loader.set_epoch(epoch)
-        yield from loader
-        k = 1
-        while len(loader):
-            loader.set_epoch(epoch * 1_000_003 + 500_000 + k)
-            yield from loader
-            k += 1
-
-    @staticmethod
-    def _cycle(loader, epoch: int):
-        """Real batches without end: reshuffled on each pass, reproducibly from (epoch, pass)."""
-        k = 0
-        while True:
-            loader.set_epoch(epoch * 1_000_003 + k)
-            yield from loader
-            k += 1
-
-    def _window_weights(self) -> np.ndarray:
-        """(n_sim,) the final weight of every simulated window (its city's with weight_by=scenario)."""
-        w = self.rw.weights().detach().cpu().numpy()
-        return w[self.sim.scenario_of] if self.per_scenario else w
-
-    def _write_sim2real(self) -> dict:
-        """The sim2real diagnostics files (history, weights, report, plot) in the run folder."""
-        from simmstnet.train.sim2real_report import write_diagnostics
-
-        w = self._window_weights()
-        params = self.sim.scenario_params or None
-        return write_diagnostics(self.out, self.s2r_history, w, self.sim.scenario_of, params,
-                                 param=_telling_param(w, self.sim.scenario_of, params))
-
-    def _sim2real_block(self) -> dict:
-        from simmstnet.train.sim2real_report import weights_report
-
-        w = self._window_weights()
-        rep = weights_report(w)
-        secs = [r["train_seconds"] for r in self.s2r_history]
-        return {"mode": self.cfg.sim2real.mode, "sim_data": self.cfg.sim2real.sim_data,
-                "n_sim_windows": len(self.sim), "n_sim_available": self.sim.n_available,
-                "n_scenarios": self.sim.n_scenarios,
-                "n_real_windows": len(self.real_upper) if self.real_upper is not None else 0,
-                "real_windows_from": self.cfg.sim2real.upper_data,
-                "weight_by": self.cfg.sim2real.weight_by,
-                "val_used_for_training": self.val_is_training,
-                "weights": {k: rep[k] for k in ("n", "n_weighted", "mean", "std", "quantiles") if k in rep},
-                "seconds_per_epoch": (sum(secs) / len(secs)) if secs else None,
-                "eps": getattr(self.rw, "eps", None), **self._finetune_block()}
-
-    def _finetune_block(self) -> dict:
-        if self.cfg.sim2real.mode != "finetune":
-            return {}
-        rw, s2r = self.rw, self.cfg.sim2real
-        return {"finetune": {"pretrain_steps": rw.T_pre, "finetune_lr_factor": s2r.finetune_lr_factor,
-                             "l2sp": s2r.finetune_l2sp, "n_holdout_windows": len(self.holdout),
-                             "holdout_target_steps": list(self.holdout.target_range),
-                             "best_holdout_mae": rw.best_score if math.isfinite(rw.best_score) else None,
-                             "best_step": rw.best_step, "checks": len(rw.checks),
-                             "stopped_early": rw.done}}
-
     def _end_epoch(self, epoch, model, services, task_loss, total_loss, weighting, opt,
                    seconds, eval_bs, extra: dict | None = None) -> bool:
         """Rank 0: validate, update early stopping and the best checkpoint, log; returns "stop"."""
@@ -822,7 +522,7 @@ class Trainer:
                             f"(try a lower train.lr or train.grad_clip)")
         # With sim2real.upper_data=val the validation windows trained the model: they cannot pick
         # the epoch, so every epoch counts as the best one (the last is kept) and patience is off.
-        # The same under finetune, whose held-out real windows pick the model instead.
+        # The same when the mode picks its own model (finetune: its held-out real windows).
         improved = mae < self.best["mae"] or self.keep_last
         if improved:
             self.best = {"mae": mae, "epoch": epoch}
@@ -874,8 +574,7 @@ class Trainer:
                  "bad_epochs": self.bad_epochs, "history": list(self.history),
                  "train_seconds": self.train_seconds, "finished": self.finished, "rng": self._rng}
         if self.rw is not None:
-            state["sim2real"] = self.rw.state_dict()
-            state["sim2real_history"] = list(self.s2r_history)
+            state.update(self.s2r_loop.checkpoint_state())
         ckpt.save_checkpoint(self.out / ckpt.LAST, state)
 
     def _restore(self, model, opt, sched, weighting) -> None:
@@ -893,8 +592,7 @@ class Trainer:
             if "sim2real" not in state:
                 raise UserError(f"{self.out / ckpt.LAST}: checkpoint has no sim2real state; this config "
                                 f"sets sim2real.mode={self.cfg.sim2real.mode}")
-            self.rw.load_state_dict(state["sim2real"])
-            self.s2r_history = list(state.get("sim2real_history", []))
+            self.s2r_loop.load_checkpoint_state(state)
         self.train_seconds = float(state["train_seconds"])
         self.finished = bool(state.get("finished", False))
         self._rng = rng = state.get("rng")
@@ -967,8 +665,8 @@ class Trainer:
         if cal is not None:
             metrics["intervals"] = interval_block(cal, test, cal_seconds, eval_seconds)
         if self.rw is not None:
-            metrics["sim2real"] = self._sim2real_block()
-            self._write_sim2real()
+            metrics["sim2real"] = self.s2r_loop.metrics_block()
+            self.s2r_loop.write_diagnostics()
         with atomic_path(self.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         if not self.history:  # a model without parameters: an empty history, for a uniform folder
@@ -1040,25 +738,11 @@ def plot_forecasts(model, data: RunData, out: Path, batch_size: int = 256, devic
     return paths
 
 
-def _telling_param(weights: np.ndarray, scenario_of: np.ndarray, params: dict | None) -> str | None:
-    """The simulator parameter whose value correlates most (|Pearson r|) with the scenarios' mean
-    weight: the most telling x-axis for the per-scenario plot (None without parameters)."""
-    if not params:
-        return None
-    scen = np.unique(scenario_of)
-    means = np.array([np.nanmean(weights[scenario_of == s]) if np.any(~np.isnan(weights[scenario_of == s]))
-                      else np.nan for s in scen])
-    best, best_r = next(iter(params)), -1.0
-    ok = ~np.isnan(means)
-    for name, vals in params.items():
-        x = np.asarray(vals, dtype=np.float64)[scen][ok]
-        y = means[ok]
-        if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
-            continue
-        r = abs(float(np.corrcoef(x, y)[0, 1]))
-        if r > best_r:
-            best, best_r = name, r
-    return best
+def _mode_picks_model(cfg: ExperimentConfig) -> str:
+    """How the config's sim2real mode picks its own model ("" = it does not; Reweighter.picks_model)."""
+    from simmstnet.train.sim2real import mode_class
+
+    return mode_class(cfg.sim2real.mode).picks_model
 
 
 def _fmt(v) -> str:

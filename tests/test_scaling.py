@@ -83,3 +83,35 @@ def test_constant_service_gets_unit_std_and_subset_reorders():
         sc.transform(np.zeros((4, 2)))
     with pytest.raises(UserError, match="unknown scaler kind"):
         Scaler.fit(grid, (0, 10), kind="minmax")
+
+
+# Guards found by `make mutate` (data/scaling): each fails with the mutant named beside it.
+@pytest.mark.parametrize("kind", ["standard", "log-standard"])
+def test_fit_over_several_time_chunks_and_without_a_range(kind):
+    # 600 steps = 3 chunks of the fit's two-pass loop (256 steps each): the sums must accumulate
+    # over every chunk (mutant: `sq =` instead of `sq +=`), and no time_range means every step.
+    grid = make_grid(T=600, H=2, W=2, missing=0.1, seed=7)
+    sc = Scaler.fit(grid, kind=kind)
+    assert sc.state_dict() == Scaler.fit(grid, (0, 600), kind=kind).state_dict()
+    for c in range(len(grid.services)):
+        obs = grid.values[..., c][grid.mask[..., c]].astype(np.float64)
+        obs = np.log1p(obs) if kind == "log-standard" else obs
+        assert sc.mean[c] == pytest.approx(obs.mean(), rel=1e-9)
+        assert sc.std[c] == pytest.approx(obs.std(), rel=1e-9)
+
+
+def test_identity_scaler_changes_nothing():
+    sc = Scaler.identity(["call", "net"])
+    x = np.array([[1.5, -2.0], [3.0, 40.0]], dtype=np.float32)
+    assert np.array_equal(sc.transform(x), x) and np.array_equal(sc.inverse(x), x)
+    assert sc.state_dict() == {"kind": "standard", "services": ["call", "net"], "mean": [0.0, 0.0],
+                               "std": [1.0, 1.0]}
+
+
+def test_transform_keeps_float32_arrays_float32():
+    # A float64 copy of a 100x100 grid doubles its memory: float32 in, float32 out.
+    grid = make_grid(T=30, seed=2)
+    sc = Scaler.fit(grid, (0, 20))
+    assert sc.transform(grid.values).dtype == np.float32
+    assert sc.inverse(grid.values).dtype == np.float32
+    assert sc.transform(grid.values.astype(np.int64)).dtype == np.float32

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import socket
 
 import numpy as np
@@ -253,6 +254,25 @@ def test_checkpoint_write_interrupted_midway_keeps_the_previous_file(tmp_path, m
 
 
 # ----------------------------------------------------------------------------- evaluate on another file
+
+
+
+def test_unreadable_checkpoint_messages_name_the_cause(tmp_path):
+    # Found by make mutate: the messages' details were checked only by test_bad_inputs.
+    from simmstnet.errors import UserError
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty\.pt: cannot read checkpoint \(empty file\)"):
+        load_checkpoint(empty)
+    one = tmp_path / "one.pt"
+    one.write_bytes(b"x")
+    with pytest.raises(UserError) as info:
+        load_checkpoint(one)
+    text = str(info.value)
+    assert "(empty file)" not in text
+    # the first line of torch's own message follows the exception type
+    assert re.search(r"cannot read checkpoint \(\w+: \S", text), text
 
 
 def test_evaluate_and_predict_on_a_file_with_services_in_another_order(tmp_path, capsys, guard_models):

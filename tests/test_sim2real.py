@@ -231,6 +231,22 @@ def test_cutting_planes_pool_unit():
     assert torch.all(pool.a[0] == 0)
 
 
+
+def test_dropping_planes_from_a_part_filled_pool_leaves_empty_slots_empty():
+    # Found by make mutate: the full-pool test above cannot tell `active &= ~dead` from
+    # `active = ~dead` (which would turn the never-used slots into live planes).
+    pool = CuttingPlanes(n_sim=4, n_params=2, p_max=4)
+    pool.add(torch.ones(4), torch.ones(2), -1.0, step=0)
+    pool.add(torch.ones(4), torch.ones(2), -2.0, step=1)
+    pool.gamma = torch.tensor([0.0, 0.3, 0.0, 0.0])
+    assert pool.drop_inactive() == 1 and pool.n_dropped == 1 and len(pool) == 1
+    assert pool.active.tolist() == [False, True, False, False]
+    state = pool.state_dict()
+    assert state["gamma"].tolist() == pytest.approx([0.0, 0.3, 0.0, 0.0])
+    assert state["born"].tolist() == [-1, 1, -1, -1] and float(state["c"][0]) == 0.0
+    assert pool.drop_inactive() == 0 and pool.n_dropped == 1 and pool.n_added == 2
+
+
 def test_plane_count_capped_and_inactive_planes_dropped():
     cfg_kw = dict(warm_start_epochs=1, eps=0.0, k_pre=2, p_max=3, t1=0.9, lr_gamma=0.05)
     data = toy_data(0, n_sim=200)

@@ -52,7 +52,7 @@ MODULES ?= src/simmstnet/data/windows.py src/simmstnet/data/scaling.py src/simms
            src/simmstnet/eval/forecast.py src/simmstnet/eval/metrics.py src/simmstnet/sim/realism.py \
            src/simmstnet/train/sim2real.py src/simmstnet/train/cutting_planes.py \
            src/simmstnet/train/sim2real_loop.py
-TESTS.src/simmstnet/data/windows.py        ?= tests/test_windows.py tests/test_guard_data.py
+TESTS.src/simmstnet/data/windows.py        ?= tests/test_windows.py tests/test_season.py tests/test_guard_data.py
 TESTS.src/simmstnet/data/scaling.py        ?= tests/test_scaling.py
 TESTS.src/simmstnet/data/grid.py           ?= tests/test_grid.py tests/test_guard_data.py
 TESTS.src/simmstnet/data/telecom_italia.py ?= tests/test_telecom_italia.py tests/test_guard_data.py

@@ -275,3 +275,43 @@ def test_backoff_pauses_are_capped(tmp_path, sleeps):
     assert sleeps[:2] == [20.0, 40.0]
     assert len(sleeps) == 5 and max(sleeps) <= 60.0 and sleeps[2:] == [60.0, 60.0, 60.0]
     assert (tmp_path / "day.txt").read_bytes() == content
+
+
+# ----------------------------------------------------------------------------- windows (make mutate)
+# Each fails with the data/windows mutant its comment names.
+
+def test_window_sizes_at_their_lower_bounds_and_non_integers():
+    grid = make_grid(T=40, H=3, W=3, seed=5)
+    ds = WindowDataset(grid, input_len=1, label_len=0, horizon=1, patch=1)  # horizon >= 1, not 2
+    assert len(ds) == 39 * 9 and ds.get_batch(np.array([0]))["y"].shape == (1, 1, 3)
+    for kw in ({"input_len": 1.5}, {"horizon": 2.5}, {"stride": 0}):  # `or` kept, not `and`
+        with pytest.raises(UserError, match="must be an integer"):
+            WindowDataset(grid, **{"input_len": 4, "label_len": 0, "horizon": 2, **kw})
+
+
+def test_cells_outside_the_grid_or_misshapen_are_refused():
+    grid = make_grid(T=40, H=3, W=4, seed=5)
+    kw = dict(input_len=4, label_len=0, horizon=2, patch=1)
+    with pytest.raises(UserError, match="non-empty"):
+        WindowDataset(grid, cells=np.array([1, 2]), **kw)  # 1-D: a UserError, not an IndexError
+    for bad in ([[3, 0]], [[0, 4]], [[-1, 0]]):  # row == H and col == W are outside
+        with pytest.raises(UserError):
+            WindowDataset(grid, cells=np.array(bad), **kw)
+    ds = WindowDataset(grid, cells=np.array([[2, 3]]), target_range=(10, 30), **kw)
+    assert ds.target_range == (10, 30) and len(ds) == 30 - 10 - 2 + 1
+    with pytest.raises(IndexError):
+        ds.get_batch(np.array([len(ds)]))  # one past the end (an IndexError either way)
+    ds.get_batch(np.array([len(ds) - 1]))
+
+
+def test_split_dates_at_the_ends_of_the_grid():
+    from simmstnet.data.windows import _split_bounds
+
+    grid = make_grid(T=72, seed=1)  # hourly, 2013-11-01 00:00 .. 2013-11-03 23:00 Europe/Rome
+    assert _split_bounds(grid, ("2013-11-02 00:00", "2013-11-03 00:00", "2013-11-04 00:00")) == (24, 48, 72)
+    # the test span may start at the last step (one test step)
+    assert _split_bounds(grid, ("2013-11-02 00:00", "2013-11-03 23:00")) == (24, 71, 72)
+    with pytest.raises(UserError, match=r"outside the grid's time span 2013-11-01 00:00 \.\. 2013-11-04 00:00"):
+        _split_bounds(grid, ("2013-11-02 00:00", "2013-11-04 00:00"))
+    with pytest.raises(UserError, match="three positive numbers"):
+        _split_bounds(grid, "0.8,0.2")  # two ratios: a UserError, not an IndexError

@@ -315,3 +315,43 @@ def test_split_dates_at_the_ends_of_the_grid():
         _split_bounds(grid, ("2013-11-02 00:00", "2013-11-04 00:00"))
     with pytest.raises(UserError, match="three positive numbers"):
         _split_bounds(grid, "0.8,0.2")  # two ratios: a UserError, not an IndexError
+
+
+# ----------------------------------------------------------------------------- grid (make mutate)
+
+def test_validate_refuses_repeated_or_misshapen_timestamps():
+    grid = make_grid(T=6, H=2, W=2, seed=1)
+    t = grid.timestamps.copy()
+    t[3] = t[2]  # a repeated time step (d == 0) is not "strictly increasing"
+    with pytest.raises(UserError, match="not strictly increasing at index 3"):
+        TrafficGrid(grid.values, grid.mask, t, grid.services, dict(grid.meta)).validate()
+    with pytest.raises(UserError, match="timestamps for 6 time steps"):
+        TrafficGrid(grid.values, grid.mask, grid.timestamps[:, None], grid.services, dict(grid.meta)).validate()
+
+
+def test_validate_checks_every_block_of_a_large_grid():
+    # One time step above 2**23 entries: validate checks one step per block, so the second step
+    # is a second block (values ~34 MB, checked in blocks to bound the temporaries).
+    side = 2897  # 2897**2 = 8,392,609 > 2**23
+    values = np.zeros((2, side, side, 1), dtype=np.float32)
+    mask = np.ones(values.shape, dtype=bool)
+    mask[1, 5, 8, 0] = False
+    t = np.array([1383260400, 1383264000], dtype=np.int64)
+    grid = TrafficGrid(values, mask, t, ("net",), {})
+    grid.values[1, 5, 8, 0] = np.inf  # unobserved: allowed, stored as 0
+    grid.values[1, 5, 7, 0] = np.nan
+    with pytest.raises(UserError, match=r"non-finite value where observed at \(t=1, row=5, col=7"):
+        grid.validate()
+    grid.values[1, 5, 7, 0] = 1.0
+    grid.validate()
+    assert grid.values[1, 5, 8, 0] == 0.0
+
+
+def test_crop_from_the_origin_and_step_in_meta(tmp_path):
+    grid = make_grid(T=8, H=3, W=4, seed=2)
+    assert grid.meta["step"] == "1h"
+    part = grid.crop((0, 2), (0, 1))
+    assert part.shape == (8, 2, 1, 3) and np.array_equal(part.values, grid.values[:, :2, :1])
+    loaded = TrafficGrid.load(grid.save(tmp_path / "g.npz"))
+    assert loaded.timestamps.dtype == np.int64 and loaded.values.dtype == np.float32
+    assert loaded.meta["step"] == "1h"

@@ -64,6 +64,16 @@ def test_evaluate_counts_every_window_and_observed_target(batch_size):
     assert overall["rmse"] == pytest.approx(rmse, rel=1e-9)
 
 
+
+def test_evaluate_task_losses_pool_every_batch():
+    # Found by make mutate: `loss_sum = ...` (the last batch only) instead of `+=` passed.
+    ds = _dataset()
+    whole = evaluate(Recorder(ds.horizon), ds, batch_size=1000, amp=False)["task_losses"]
+    parts = evaluate(Recorder(ds.horizon), ds, batch_size=7, amp=False)["task_losses"]
+    assert len(whole) == 3 and all(v > 0 for v in whole)
+    assert parts == pytest.approx(whole, rel=1e-6)  # per-batch sums are float32
+
+
 def test_validation_subset_is_spread_over_the_whole_dataset():
     ds = _dataset(T=120)
     k = 10

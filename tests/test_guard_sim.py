@@ -14,6 +14,7 @@ from simmstnet.data.grid import TrafficGrid
 from simmstnet.sim.randomization import Range, SPECS, preset_space, sample_params
 from simmstnet.sim.realism import grid_stats, mmd2
 from simmstnet.sim.simulator import simulate_scenario
+from tests.conftest import make_grid
 
 TINY = dict(rows=4, cols=4, days=2, step=3600)
 
@@ -184,3 +185,40 @@ def test_mmd2_is_the_unbiased_estimate():
     # (V-statistic) estimate never does
     same = [mmd2(rng.normal(size=(6, 3)), rng.normal(size=(6, 3)), 1.0)[0] for _ in range(20)]
     assert min(same) < 0
+
+
+# ----------------------------------------------------------------------------- realism (make mutate)
+
+def test_squares_without_traffic_are_left_out_of_the_statistics():
+    from simmstnet.sim.realism import _normalized
+
+    grid = make_grid(T=48, H=2, W=3, services=("net",), seed=4)
+    values, mask = grid.values.copy(), grid.mask.copy()
+    values[:, 0, 0] = 0.0  # a square with zero traffic (mean 0)
+    mask[:, 1, 2] = False  # a square never observed (mean NaN)
+    z, keep = _normalized(TrafficGrid(values, mask, grid.timestamps, grid.services, dict(grid.meta)), "net")
+    assert keep.tolist() == [False, True, True, True, True, False]
+    assert z.shape == (48, 4) and np.isfinite(z).all()
+    assert np.nanmean(z, 0) == pytest.approx(np.ones(4))
+
+
+def test_one_complete_local_day_is_one_day_window_per_square():
+    from simmstnet.sim.demand import local_calendar
+    from simmstnet.sim.realism import _day_windows, _normalized
+
+    grid = make_grid(T=24, H=2, W=2, services=("net",), seed=5)  # 00:00 .. 23:00 local
+    z, _ = _normalized(grid, "net")
+    w = _day_windows(z, local_calendar(grid.timestamps, 0, grid.timezone), 24)
+    assert w.shape == (4, 24) and w.mean(1) == pytest.approx(np.ones(4))
+
+
+def test_report_helpers_name_services_format_numbers_and_write_plots(tmp_path):
+    from simmstnet.sim.realism import _fmt, align, compare, plot_report
+
+    real = make_grid(T=24 * 8, H=3, W=3, services=("call", "net"), seed=2)
+    sim = make_grid(T=24 * 8, H=4, W=4, services=("call", "net"), seed=3)
+    _, _, services, step = align(real, [sim], services=["net"])
+    assert list(services) == ["net"] and step == 3600
+    assert _fmt(0.5) == "0.500" and _fmt(float("nan")) == "n/a" and _fmt(None) == "n/a"
+    paths = plot_report(compare(real, sim, services=["net"]), tmp_path)
+    assert len(paths) == 1 and all(p is not None and p.is_file() and p.stat().st_size > 0 for p in paths)

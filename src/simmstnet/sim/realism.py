@@ -18,6 +18,7 @@ and steps are compared after summing the finer one to the coarser step. Per serv
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -82,7 +83,8 @@ def _normalized(grid: TrafficGrid, service: str) -> np.ndarray:
     c = grid.service_index(service)
     T, H, W, _ = grid.shape
     x = np.where(grid.mask[..., c], grid.values[..., c], np.nan).reshape(T, H * W).astype(np.float64)
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a never-observed square has no mean: it is left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
         m = np.nanmean(x, 0)
     keep = np.isfinite(m) & (m > 0)
     return x[:, keep] / m[keep], keep

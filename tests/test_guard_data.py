@@ -91,6 +91,19 @@ def test_end_date_is_exclusive(tmp_path):
     assert g.meta["raw_files"] == ["sms-call-internet-mi-2013-11-05.txt", "sms-call-internet-mi-2013-11-06.txt"]
 
 
+
+def test_start_and_end_together_keep_only_the_days_between(tmp_path):
+    # Found by make mutate: with both bounds set, `keep = slot < end` (dropping the start test)
+    # passed, since no other test had rows before --start together with an --end.
+    rng = np.random.default_rng(2)
+    records = _records(3, rng)
+    one = _write(tmp_path / "export.txt", [_line(sq, MIDNIGHT + 600 * s, v) for sq, s, v in records])
+    g = read_telecom_italia([one], "milano", step=600, rows=(0, 2), cols=(0, 2), services=("net",),
+                            start="2013-11-06", end="2013-11-07")
+    assert g.shape[0] == 144 and g.timestamps[0] == MIDNIGHT + 86400
+    np.testing.assert_allclose(g.values[..., 0], _reference(records, 288)[144:], rtol=1e-6)
+
+
 @pytest.mark.parametrize("offset, ok", [
     (-86400, True),               # the previous local day's first slot: accepted
     (-86400 - 600, False),        # one slot earlier: refused

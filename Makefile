@@ -31,10 +31,10 @@ clean:
 # ----------------------------------------------------------------------------- mutation testing
 # `make mutate` (not part of `test` or CI): mutmut over the modules whose claims matter most, one
 # module at a time, each in its own copy under $(MUTATE_DIR)/<module> (src/ is never touched) and
-# tested only by its own test files (TESTS.<module>; slow tests excluded). Measured on 2 busy
-# cores: eval/metrics (228 mutants) and train/loss_weighting (222) about 5 minutes each; the
-# default list has about 8800 mutants (trainer 1850, telecom_italia 1350, sim2real 1260, realism
-# 1120), so run it a few modules at a time.  One module:  make mutate MODULES=src/simmstnet/eval/metrics.py
+# tested only by its own test files (TESTS.<module>; slow tests excluded). The default list has
+# about 10,000 mutants (trainer 1400, telecom_italia 1280, sim2real 1310, realism 1110): hours on
+# 2 cores; MUTATE_SAMPLE=7 (~10 %) runs a small module in under a minute, a mid-sized one in 2-5
+# and the sim2real / trainer modules in 30 min to over an hour (docs/results/mutation.md).  One module:  make mutate MODULES=src/simmstnet/eval/metrics.py
 # Other tests for a module:  make mutate MODULES=M TESTS.M="tests/a.py tests/b.py"
 # Read the survivors:  cd $(MUTATE_DIR)/<module> && ../../../$(VENV)/bin/mutmut show <name>
 MUTATE_DIR  ?= build/mutate

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import os
 import re
 import tempfile
@@ -54,6 +55,11 @@ def format_step(seconds: int) -> str:
         return f"{seconds // 60}min"
     return f"{seconds}s"
 
+
+
+def format_metric(v) -> str:
+    """A metric for a log line: 4 significant digits, or ``n/a`` for None / NaN / inf."""
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
 
 def _utc(epoch: int) -> str:
     return _dt.datetime.fromtimestamp(int(epoch), tz=_dt.timezone.utc).strftime("%Y-%m-%d")

@@ -35,6 +35,7 @@ import torch
 
 from simmstnet.errors import UserError
 from simmstnet.train.sim2real import Reweighter, register_mode
+from simmstnet.utils import format_metric
 
 
 def split_in_time(target_range: tuple[int, int], horizon: int,
@@ -54,10 +55,6 @@ def split_in_time(target_range: tuple[int, int], horizon: int,
                         f"no fine-tuning window before the held-out slice of {keep} steps (a window "
                         f"needs {horizon} target steps); lower finetune_holdout or use more real days")
     return (lo, cut), (cut, hi)
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
 
 
 @register_mode("finetune")
@@ -152,7 +149,7 @@ class FineTuner(Reweighter):
             self.restore_best()
             if self.done:
                 log(f"sim2real finetune: {self.bad_checks} held-out checks without gain, stopping at "
-                    f"step {self.t}; best held-out MAE {_fmt(self.best_score)} at step {self.best_step}")
+                    f"step {self.t}; best held-out MAE {format_metric(self.best_score)} at step {self.best_step}")
         return self.done
 
     def metrics_block(self) -> dict:

@@ -60,7 +60,7 @@ from simmstnet.eval.intervals import level_tag
 from simmstnet.eval.metrics import MASK_RULE
 from simmstnet.train import checkpoint as ckpt
 from simmstnet.train import distributed as D
-from simmstnet.utils import atomic_path, format_step, parse_step, seed_everything
+from simmstnet.utils import atomic_path, format_metric, format_step, parse_step, seed_everything
 
 # ----------------------------------------------------------------------------- data
 
@@ -548,8 +548,8 @@ class Trainer:
         row["seconds"] = time.perf_counter() - t0 + seconds
         self.history.append(row)
         losses = " ".join(f"{s} {row[f'train_loss_{s}']:.4f}" for s in services)
-        self.log(f"epoch {epoch}/{tc.epochs}  train {total_loss:.4f} ({losses})  val MAE {_fmt(mae)} "
-                 f"RMSE {_fmt(row['val_rmse'])}  lr {row['lr']:.2e}  "
+        self.log(f"epoch {epoch}/{tc.epochs}  train {total_loss:.4f} ({losses})  val MAE {format_metric(mae)} "
+                 f"RMSE {format_metric(row['val_rmse'])}  lr {row['lr']:.2e}  "
                  + (f"{row['steps']} steps  " if "steps" in row else "") + f"{row['seconds']:.1f}s"
                  + ("  *best*" if improved else f"  ({self.bad_epochs}/{tc.patience or '-'} without gain)"))
         return stop
@@ -602,7 +602,7 @@ class Trainer:
             # A different number of processes: reproducible, but not identical to an uninterrupted run.
             self.log(f"resuming with {self.dist.world_size} processes instead of {len(rng)}: RNG streams re-seeded")
             seed_everything(self.cfg.train.seed + 7919 * (self.epoch + 1) + self.dist.rank)
-        self.log(f"resumed {self.out} after epoch {self.epoch} (best val MAE {_fmt(self.best['mae'])} "
+        self.log(f"resumed {self.out} after epoch {self.epoch} (best val MAE {format_metric(self.best['mae'])} "
                  f"at epoch {self.best['epoch']})")
 
     def _write_history(self) -> None:
@@ -684,10 +684,10 @@ class Trainer:
                                 label=cfg.model.name)
             iv = metrics["intervals"]["test"]["overall"]
             self.log("test intervals: " + ", ".join(
-                f"{int(round(100 * lv))} % coverage {_fmt(iv[f'coverage_{level_tag(lv)}'])} width "
-                f"{_fmt(iv[f'width_{level_tag(lv)}'])}" for lv in cal.levels))
+                f"{int(round(100 * lv))} % coverage {format_metric(iv[f'coverage_{level_tag(lv)}'])} width "
+                f"{format_metric(iv[f'width_{level_tag(lv)}'])}" for lv in cal.levels))
         t = test["metrics"]["overall"]
-        self.log(f"test MAE {_fmt(t['mae'])} RMSE {_fmt(t['rmse'])} over {t['n_windows']} windows "
+        self.log(f"test MAE {format_metric(t['mae'])} RMSE {format_metric(t['rmse'])} over {t['n_windows']} windows "
                  f"({t['n_observed']} observed targets); run folder {self.out}")
         return metrics
 
@@ -743,10 +743,6 @@ def _mode_picks_model(cfg: ExperimentConfig) -> str:
     from simmstnet.train.sim2real import mode_class
 
     return mode_class(cfg.sim2real.mode).picks_model
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
 
 
 def train(cfg: ExperimentConfig, **kwargs) -> dict:

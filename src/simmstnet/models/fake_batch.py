@@ -25,7 +25,8 @@ def fake_batch(dims: DataDims, batch_size: int, seed: int = 0, missing: float = 
     hours = start + torch.arange(total).float()[None, :, None]  # (B, L+H, 1)
     phase = torch.rand(b, 1, c, generator=g) * 0.5
     amp = 0.5 + torch.rand(b, 1, c, generator=g)
-    series = amp * torch.sin(2 * math.pi * hours / 24 + phase) + 0.05 * torch.randn(b, total, c, generator=g)
+    clean = amp * torch.sin(2 * math.pi * hours / 24 + phase)
+    series = clean + 0.05 * torch.randn(b, total, c, generator=g)
     observed = torch.rand(b, total, c, generator=g) >= missing
     series = torch.where(observed, series, torch.zeros(()))
 
@@ -46,7 +47,6 @@ def fake_batch(dims: DataDims, batch_size: int, seed: int = 0, missing: float = 
     }
     if dims.season_days:
         # The previous days' mean at the same times: the cycle itself plus a little noise.
-        clean = amp * torch.sin(2 * math.pi * hours / 24 + phase)
         season = clean + 0.02 * torch.randn(b, total, c, generator=g)
         dec = slice(l - dims.label_len, total)
         batch.update({"x_season": season[:, :l], "x_season_mask": torch.ones(b, l, c, dtype=torch.bool),

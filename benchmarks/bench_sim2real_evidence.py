@@ -17,9 +17,19 @@ and keeps its best validation epoch (``train.patience=0``; early stopping cut bi
 transient after the warm start). ``seasonal-naive-day`` is reported beside every result (no
 training, so one number per target).
 
-Modes: off, mix, l2rw, bilevel (the package defaults), bilevel-scen (one weight per simulated
-city, ``sim2real.weight_by=scenario``), bilevel-paper (the literal reconstruction:
-``sim2real.lower_coef=0 sim2real.eps_factor=0.5``); ``--variant NAME=MODE,KEY=VALUE,...`` adds more.
+Modes (default list): off, mix, finetune, bilevel (the package defaults: one weight per window,
+Adam, G on the real windows theta trains on, eps fixed at 2x the warm-start h), bilevel-heldout (the
+held-out form of issue 12: held-out folds, one weight per simulated city and a learned simulated
+share, sgd weight steps, bounded duals, planes aged out), bilevel-heldout-q5 (eps follows the running
+median of h, so the constraint binds about half the time) and bilevel-heldout-nocon (eps = 1e9: no
+plane is ever cut). Also defined (see VARIANTS): mix-warm (mix after bilevel's warm start),
+the -frozen form (weights and share never move), the -noage forms (planes kept while their dual is
+positive), -upper (theta also descends G), bilevel-scen, bilevel-paper (the literal reconstruction),
+l2rw; ``--variant NAME=MODE,KEY=VALUE,...`` adds more.
+
+Same step budget for every mode: ``sim2real.steps_per_epoch`` (``--steps``, default 32) optimizer
+steps per epoch, off included; the simulated pool is ``--max-sim`` (default 20,000) windows from
+``--scenarios`` (default 32) source cities.
 
 Small models by default (``--d-model 16``, ``--epochs 20``, at most ``--max-sim`` simulated
 windows). Runs whose metrics.json exists are reused, so an interrupted benchmark continues;
@@ -47,12 +57,25 @@ from _runs import run_one  # noqa: E402  (shared by the benchmark scripts)
 CSV = ROOT.parent / "shared" / "data" / "telecom-italia" / "milano-internet-r41-45-c41-45-10min-2013-11-01-to-21.csv"
 from simmstnet.train.sim2real import MODES as BASE_MODES  # off, mix, l2rw, bilevel, finetune
 
-DEFAULT_MODES = (*BASE_MODES, "bilevel-scen", "bilevel-paper")
-# bilevel: the defaults (lower_coef 1, eps_factor 2; see the sim2real module docstring, points 5-6);
-# bilevel-scen: one weight per simulated city instead of per window;
-# bilevel-paper: the literal reconstruction of ARCHITECTURE.md (theta sees the simulated data only
-# through phi_K and the constraint) with the first calibration (eps = 0.5 x the warm-start h).
-VARIANTS = {"bilevel-scen": ("bilevel", ["sim2real.weight_by=scenario"]),
+DEFAULT_MODES = ("off", "mix", "finetune", "bilevel", "bilevel-heldout", "bilevel-heldout-q5",
+                 "bilevel-heldout-nocon")
+# The held-out bilevel form (issue 12; sim2real module docstring, points 7-12): held-out folds, one
+# weight per simulated city and a learned simulated share, sgd weight steps, bounded duals, planes aged
+# out; eps fixed at 2x the warm-start h as in the default form.
+HELDOUT = ["sim2real.upper_folds=2", "sim2real.learn_share=true", "sim2real.lambda_opt=sgd",
+           "sim2real.lr_lambda=0.02", "sim2real.dual_max=10", "sim2real.dual_reg=0.1",
+           "sim2real.plane_max_age=25", "sim2real.weight_by=scenario"]
+Q5 = ["sim2real.eps_quantile=0.5"]  # eps follows the running median of h: the constraint binds
+NOAGE = ["sim2real.plane_max_age=null"]  # planes kept while their dual is positive
+VARIANTS = {"mix-warm": ("mix", ["sim2real.mix_warm_start=true"]),
+            "bilevel-heldout": ("bilevel", HELDOUT),
+            "bilevel-heldout-q5": ("bilevel", [*HELDOUT, *Q5]),
+            "bilevel-heldout-q5-noage": ("bilevel", [*HELDOUT, *Q5, *NOAGE]),
+            "bilevel-heldout-q9-noage": ("bilevel", [*HELDOUT, "sim2real.eps_quantile=0.9", *NOAGE]),
+            "bilevel-heldout-frozen-q5-noage": ("bilevel", [*HELDOUT, *Q5, *NOAGE, "sim2real.freeze_weights=true"]),
+            "bilevel-heldout-nocon": ("bilevel", [*HELDOUT, "sim2real.eps=1e9"]),  # no plane is ever cut
+            "bilevel-heldout-upper": ("bilevel", [*HELDOUT, "sim2real.upper_trains_theta=true"]),
+            "bilevel-scen": ("bilevel", ["sim2real.weight_by=scenario"]),
             "bilevel-paper": ("bilevel", ["sim2real.lower_coef=0", "sim2real.eps_factor=0.5"])}
 # train.patience=0: every run trains all epochs and keeps its best validation epoch (all modes
 # alike); with early stopping, bilevel runs were cut in the transient after the warm start.
@@ -125,9 +148,11 @@ def _job(job: dict) -> dict:
     except UserError as exc:  # a table entry (e.g. D=1, off)
         return {**row, "test_mae": None, "test_rmse": None, "sec_epoch": None,
                 "note": "n/a: " + str(exc)[:80], "seconds": time.perf_counter() - t0}
+    block = m.get("sim2real") or {}
     return {**row, "test_mae": m["test"]["overall"]["mae"], "test_rmse": m["test"]["overall"]["rmse"],
             "sec_epoch": epoch_seconds(Path(job["folder"]), job["skip"]), "note": job["note"],
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "share": block.get("share"),
+            "plane_active_share": block.get("plane_active_share"), "folder": job["folder"]}
 
 
 def main() -> None:
@@ -141,9 +166,10 @@ def main() -> None:
                     help="a named mode with extra overrides, e.g. bl-scen=bilevel,sim2real.weight_by=scenario")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--d-model", type=int, default=16)
-    ap.add_argument("--max-sim", type=int, default=2000, help="sim2real.max_sim_windows")
+    ap.add_argument("--max-sim", type=int, default=20000, help="sim2real.max_sim_windows")
+    ap.add_argument("--steps", type=int, default=32, help="sim2real.steps_per_epoch of every mode")
     ap.add_argument("--source-preset", default="milano-like", help="simulator preset of the source scenarios")
-    ap.add_argument("--scenarios", type=int, default=8)
+    ap.add_argument("--scenarios", type=int, default=32)
     ap.add_argument("--rows", type=int, default=10)
     ap.add_argument("--cols", type=int, default=10)
     ap.add_argument("--target-size", type=int, default=8, help="rows = cols of the simulated target city")
@@ -192,7 +218,8 @@ def main() -> None:
                             f"train.seed={seed}", f"sim2real.mode={real_mode}", *variant]
                     note = ""
                     # off reads the simulated pool too: it sets the step budget, the same for every mode
-                    over += [f"sim2real.sim_data={paths['sources']}", f"sim2real.max_sim_windows={args.max_sim}"]
+                    over += [f"sim2real.sim_data={paths['sources']}", f"sim2real.max_sim_windows={args.max_sim}",
+                             f"sim2real.steps_per_epoch={args.steps}"]
                     if real_mode != "off":
                         over += [*args.extra]
                         if d * 24 < 24 + 6:
@@ -203,7 +230,7 @@ def main() -> None:
                                  "folder": str(out / "runs" / target / f"d{d}" / f"{mode}-s{seed}"),
                                  "note": note, "collect_only": args.collect_only, "worker": args.jobs > 1,
                                  # bilevel's warm-start epoch costs what mix does
-                                 "skip": 1 if real_mode == "bilevel" else 0})
+                                 "skip": 1 if real_mode == "bilevel" or mode == "mix-warm" else 0})
 
     def report(r):
         mae = "n/a" if r["test_mae"] is None else f"{r['test_mae']:.4g}"
@@ -237,13 +264,13 @@ def _ms(vals) -> str:
 
 def write_outputs(out: Path, rows: list[dict], targets, days, modes, args) -> None:
     with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     lines = [f"Test MAE / RMSE (original units), mean ± std over {args.seeds} seeds; hourly, input 24, "
              f"horizon 6, split 0.6/0.1/0.3; {args.epochs} epochs, d_model {args.d_model}, "
              f"at most {args.max_sim} simulated windows from {args.scenarios} {args.source_preset} "
-             f"{args.rows}x{args.cols} scenarios.", "",
+             f"{args.rows}x{args.cols} scenarios; {args.steps} optimizer steps per epoch for every mode.", "",
              "| target | D | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
     table_rows = []
     for t in targets:
@@ -274,13 +301,67 @@ def write_outputs(out: Path, rows: list[dict], targets, days, modes, args) -> No
             ratio = f"{bl / mix:.2f}x" if mix and bl else "n/a"
             cost.append(f"| {t} | {d} | {_f(mix)} | {_f(bl)} | {ratio} | {_f(l2)} |")
     cost_text = "\n".join(cost) + "\n"
+    signal_text = signal_table(rows, targets, days, modes)
     (out / "table.md").write_text(text)
     (out / "cost.md").write_text(cost_text)
+    (out / "signal.md").write_text(signal_text)
     with open(out / "table.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(table_rows[0]))
         w.writeheader()
         w.writerows(table_rows)
-    print(text + cost_text)
+    print(text + cost_text + signal_text)
+
+
+def city_weights(folder: str) -> np.ndarray | None:
+    """(n_cities,) mean final weight per simulated city of a run (sim2real_weights.npz)."""
+    path = Path(folder) / "sim2real_weights.npz"
+    if not path.exists():
+        return None
+    z = np.load(path)
+    w, sid = z["weights"], z["scenario_ids"]
+    return np.array([np.nanmean(w[sid == c]) for c in np.unique(sid)])
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if np.std(a) == 0 or np.std(b) == 0:  # constant weights (frozen) have no ranking
+        return float("nan")
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def signal_table(rows: list[dict], targets, days, modes) -> str:
+    """Paired by seed against mix (mean and per-seed test MAE differences), and for the bilevel
+    runs what the reweighting learned: final simulated share, share of phase-1 steps with an active
+    plane, spread of the per-city weights and their rank agreement across seeds (mean pairwise
+    Spearman; near 0 = the weights are noise)."""
+    lines = ["", "Paired by seed: test MAE minus mix's (negative = better than mix); bilevel runs: final "
+             "simulated share, share of phase-1 steps with an active plane, std of the per-city weights, "
+             "mean pairwise Spearman of the per-city weights across seeds.", "",
+             "| target | D | mode | minus mix: mean (per seed) | share | active plane | city-weight std | "
+             "rank agreement |", "|---|---|---|---|---|---|---|---|"]
+    for t in targets:
+        for d in days:
+            ref = {r["seed"]: r["test_mae"] for r in rows if r["target"] == t and r["days"] == d
+                   and r["mode"] == "mix" and r["test_mae"] is not None}
+            for mode in modes:
+                sel = [r for r in rows if r["target"] == t and r["days"] == d and r["mode"] == mode
+                       and r["test_mae"] is not None and r["seed"] in ref]
+                if not sel or mode in ("mix", "seasonal-naive"):
+                    continue
+                diffs = [r["test_mae"] - ref[r["seed"]] for r in sel]
+                cell = f"{np.mean(diffs):+.3g} ({', '.join(f'{x:+.3g}' for x in diffs)})"
+                extra = ["", "", "", ""]
+                if sel[0]["kind"] == "bilevel":
+                    shares = [r.get("share") for r in sel if r.get("share") is not None]
+                    act = [r.get("plane_active_share") for r in sel if r.get("plane_active_share") is not None]
+                    ws = [w for w in (city_weights(r.get("folder", "")) for r in sel) if w is not None]
+                    rho = [_spearman(ws[i], ws[j]) for i in range(len(ws)) for j in range(i + 1, len(ws))
+                           if len(ws[i]) == len(ws[j])]
+                    rho = [x for x in rho if not np.isnan(x)]
+                    extra = [_ms(shares), _ms(act), _ms([float(np.std(w)) for w in ws]),
+                             f"{np.mean(rho):+.2f}" if rho else "n/a"]
+                lines.append(f"| {t} | {d} | {mode} | {cell} | " + " | ".join(extra) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _mean(v):

@@ -217,9 +217,11 @@ def test_lower_coef_adds_the_weighted_sim_gradient():
     real = {"x": torch.randn(6, 4), "y": torch.randn(6), "index": torch.arange(6)}
     base = Lin()
     grads = {}
+    # the former form (upper_folds=1): the lower level is the weighted simulated loss
     for coef in (0.0, 2.0):
         m = copy.deepcopy(base)
-        cfg = Sim2RealConfig(mode="bilevel", warm_start_epochs=0, eps=1e-3, t1=100, lower_coef=coef)
+        cfg = Sim2RealConfig(mode="bilevel", warm_start_epochs=0, eps=1e-3, t1=100, lower_coef=coef,
+                             upper_folds=1, learn_share=False)
         rw = make_reweighter(cfg, m, 8, loss, steps_per_epoch=1, total_steps=100)
         rw.step(sim, real)
         grads[coef] = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
@@ -228,6 +230,21 @@ def test_lower_coef_adds_the_weighted_sim_gradient():
     want = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
     assert torch.allclose(grads[2.0] - grads[0.0], 2.0 * want, atol=1e-6)
     assert not torch.allclose(grads[0.0], grads[2.0])
+    # held-out folds (default): the lower level is (1 - s) x the real loss of the fit fold + s x the
+    # weighted simulated loss, s = 0.5 at the start; at t = 0 fold 0 (even indices) is held out
+    for coef in (1.0, 3.0):
+        m = copy.deepcopy(base)
+        cfg = Sim2RealConfig(mode="bilevel", warm_start_epochs=0, eps=1e-3, t1=100, lower_coef=coef,
+                             upper_folds=2)
+        rw = make_reweighter(cfg, m, 8, loss, steps_per_epoch=1, total_steps=100)
+        rw.step(sim, real)
+        grads[coef] = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    probe = copy.deepcopy(base)
+    fit = real["index"] % 2 == 1
+    (0.5 * torch.nn.functional.mse_loss(probe(sim), sim["y"])
+     + 0.5 * torch.nn.functional.mse_loss(probe(real)[fit], real["y"][fit])).backward()
+    want = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
+    assert torch.allclose(grads[3.0] - grads[1.0], 2.0 * want, atol=1e-6)
 
 
 MODES = ("off", "mix", "l2rw", "bilevel", "finetune")
@@ -316,3 +333,29 @@ def test_real_share_needs_mix_and_real_windows(files, tmp_path, capsys):
     assert "sim2real.real_share" in capsys.readouterr().err
     assert main(_args(files, tmp_path / "ft", "sim2real.mode=finetune", *scarce)) == 2
     assert "fine-tune on" in capsys.readouterr().err
+
+
+def test_bilevel_real_batches_carry_time_block_fold_keys(files, tmp_path, monkeypatch):
+    """The loop gives bilevel's real batches fold_key = window start // (input_len + horizon): the
+    held-out folds are blocks of time, not interleaved hours."""
+    from simmstnet.train.sim2real import BilevelReweighter
+
+    seen = []
+    step = BilevelReweighter.step
+
+    def spy(self, sim_batch, real_batch):
+        if real_batch is not None:
+            seen.append((real_batch["index"].cpu().clone(), real_batch["fold_key"].cpu().clone()))
+        return step(self, sim_batch, real_batch)
+
+    monkeypatch.setattr(BilevelReweighter, "step", spy)
+    out = tmp_path / "folds"
+    assert main(_args(files, out, "sim2real.mode=bilevel", "sim2real.upper_folds=2", "train.epochs=1")) == 0
+    from simmstnet.train.trainer import prepare_data
+
+    data = prepare_data(load_config(out / "config.yaml"), allow_no_train=True)
+    assert seen
+    for index, key in seen:
+        start = data.train.window_info(index)[0]
+        assert torch.equal(key, torch.from_numpy(start // (12 + 3)))
+    assert len(torch.unique(torch.cat([k for _, k in seen]))) >= 2  # at least two blocks, so two folds

@@ -113,7 +113,8 @@ _S2R_DATA_KEYS: list[tuple[str, Any, Any, str, tuple | str | None]] = [
      "random subset (null = all)", None),
     ("sim_stride", Optional[int], None, "step between simulated window starts (null = data.stride)", None),
     ("weight_by", str, "window", "what one lambda weights (l2rw, bilevel): window (the paper: one per "
-     "simulated window) or scenario (one shared by every window of a simulated city)",
+     "simulated window, each seen about once per epoch) or scenario (one shared by every window of a "
+     "simulated city, with a hypergradient every step; the held-out bilevel form uses it)",
      ("window", "scenario")),
     ("steps_per_epoch", Optional[int], None, "optimizer steps per epoch, the same for every mode (off "
      "included once sim_data is set); null = ceil(min(simulated windows, train.max_windows_per_epoch) / "
@@ -133,7 +134,9 @@ _S2R_HELP = {
     "p_max": "most cutting planes kept (memory: p_max copies of the model parameters)",
     "t1": "phase switch: <= 1 a fraction of all iterations, > 1 an iteration number (capped at the run's "
           "length when the warm start has to be shortened, see warm_start_epochs)",
-    "lr_lambda": "Adam learning rate of the per-window parameters lambda (weight = sigmoid(lambda))",
+    "lr_lambda": "step of the lambda optimizer (weight = sigmoid(lambda)): adam's learning rate, or with "
+                 "lambda_opt=sgd the step in units of the running RMS of the hypergradient (0.02 in the "
+                 "held-out form)",
     "lr_gamma": "dual ascent step on the plane values",
     "rho": "phase-2 quadratic penalty weight on violated planes",
     "warm_start_epochs": "epochs of uniform-weight training on simulated data before reweighting; when they "
@@ -161,8 +164,44 @@ _S2R_HELP = {
     "finetune_patience": "finetune: stop after this many held-out checks without gain (0 = never); the best "
                          "held-out parameters are kept either way",
     "finetune_l2sp": "finetune: alpha of the L2-SP pull (alpha/2) ||theta - theta_pretrained||^2 (0 = off)",
+    "upper_folds": "bilevel: the real windows fall into F folds (blocks of input_len + horizon steps); at "
+                   "step t the upper level G reads fold (t mod F) and theta's real loss the others, so lambda "
+                   "learns from windows theta is not fitting then (1, default: G on every real "
+                   "window, which theta also descends)",
+    "learn_share": "bilevel: learn the simulated share s of the lower level (1 - s) x real loss + s x "
+                   "weighted simulated loss, which can fall towards 0 (real only); needs upper_folds >= 2",
+    "share_init": "bilevel: the simulated share s at the start (fixed with learn_share=false); 0.5 is the "
+                  "balance of mix with equal batch sizes",
+    "lambda_opt": "bilevel: lambda optimizer: sgd (steps in units of the running RMS of the hypergradient, "
+                  "pulled to the start, so noise leaves the weights near 0.5; the held-out form) or adam (default)",
+    "lambda_pull": "bilevel, sgd: pull of every lambda (and the share) towards its start per update (noise "
+                   "band of lambda ~ sqrt(lr_lambda / (2 x lambda_pull)))",
+    "eps_quantile": "bilevel: eps follows this quantile of h over the last eps_window steps, so the "
+                    "constraint binds about (1 - q) of the time (null, default = eps fixed at eps_factor x "
+                    "the warm-start h; a binding constraint cost test MAE on the real Milano block, see "
+                    "docs/results/sim2real-evidence.md)",
+    "eps_window": "bilevel: steps of h the running eps_quantile reads",
+    "plane_max_age": "bilevel: a cutting plane is dropped this many iterations after it was cut, in phase 2 too "
+                     "(a linearization of h means nothing far from where it was cut; null = kept while its "
+                     "dual is positive, default)",
+    "dual_max": "bilevel: every dual (planes and the live constraint) is projected onto [0, dual_max] "
+                "(null = unbounded, default)",
+    "dual_reg": "bilevel: the duals ascend the Lagrangian minus (mu_t/2) gamma^2, mu_t = dual_reg / "
+                "sqrt(1 + steps since the warm start) (0 = unregularised, default)",
+    "upper_trains_theta": "bilevel, upper_folds >= 2: theta also descends G on the held-out fold, so every "
+                          "real window trains theta at every step (false: the held-out fold only teaches "
+                          "lambda and the share at that step)",
+    "constraint_lambda": "bilevel: the constraint's terms (planes and live) also move lambda and the share, "
+                         "as in the paper (false: they move theta only; lambda and the share follow the "
+                         "held-out hypergradient, since h can also be lowered by weighting what theta already "
+                         "fits); with upper_folds=1 they always do",
+    "freeze_weights": "bilevel ablation: lambda and the share never move (the constraint and the lower "
+                      "level still train theta)",
+    "mix_warm_start": "mix ablation: start with bilevel's warm start (warm_start_epochs on simulated "
+                      "windows only)",
 }
-_S2R_CHOICES = {"upper": ("unrolled", "theta"), "live_phase2": ("dual", "penalty")}
+_S2R_CHOICES = {"upper": ("unrolled", "theta"), "live_phase2": ("dual", "penalty"),
+                "lambda_opt": ("sgd", "adam")}
 
 
 def _make_sim2real_section() -> type:

@@ -78,7 +78,14 @@ class CuttingPlanes:
     def drop_inactive(self) -> int:
         """Remove every plane whose dual is zero (it no longer shapes the solution).
         Returns the number removed."""
-        dead = self.active & (self.gamma <= 0)
+        return self._drop(self.active & (self.gamma <= 0))
+
+    def drop_older(self, born_before: int) -> int:
+        """Remove every plane cut before iteration ``born_before``. Returns the number removed."""
+        return self._drop(self.active & (self.born < born_before))
+
+    def _drop(self, dead: torch.Tensor) -> int:
+        """Empty the slots ``dead`` (p_max,) bool; returns how many there were."""
         n = int(dead.sum())
         if n:
             self.active &= ~dead
@@ -90,9 +97,13 @@ class CuttingPlanes:
             self.n_dropped += n
         return n
 
-    def dual_ascent(self, values: torch.Tensor, lr_gamma: float) -> None:
-        """Projected gradient ascent: gamma_l <- max(0, gamma_l + lr_gamma * value_l)."""
-        g = torch.clamp(self.gamma + lr_gamma * values, min=0.0)
+    def dual_ascent(self, values: torch.Tensor, lr_gamma: float, reg: float = 0.0,
+                    upper: float | None = None) -> None:
+        """Projected gradient ascent on the Lagrangian minus (reg / 2) gamma^2:
+        gamma_l <- min(upper, max(0, gamma_l + lr_gamma * (value_l - reg * gamma_l)))
+        (reg 0 and upper None: plain projected ascent onto gamma >= 0)."""
+        g = torch.clamp(self.gamma + lr_gamma * (values - reg * self.gamma), min=0.0,
+                        max=upper)
         self.gamma = torch.where(self.active, g, torch.zeros_like(g))
 
     # -- persistence ------------------------------------------------------------------------

@@ -20,7 +20,8 @@ defaults), called here for every mode, so the loop has no per-mode branches:
 * ``before_step(opt)`` / ``after_step(evaluate, log)`` around each step (finetune: reset the
   optimizer's moments at the switch / the held-out checks, which may end the epoch); ``done``
   ends the run after the epoch;
-* ``second_order`` (no bf16 autocast), ``history_keys`` (summary keys copied into history.csv),
+* ``fold_keys`` (real batches get ``fold_key``: the window's start // (input_len + horizon), the
+  time block that bilevel's held-out folds are made of), ``second_order`` (no bf16 autocast), ``history_keys`` (summary keys copied into history.csv),
   ``real_windows_for`` and ``picks_model`` (class attributes, read before the model exists),
   ``metrics_block()`` (the mode's part of metrics.json).
 
@@ -295,6 +296,10 @@ class Sim2RealLoop:
                         sim_batch = {**sim_batch, "index": sim_batch["scenario"]}
                 if real_batch is not None:
                     real_batch = prepare_batch(real_batch, real_ds, model, device)
+                    if rw.fold_keys:  # held-out folds in blocks of time, one window span long
+                        start = real_ds.window_info(real_batch["index"].cpu())[0]
+                        real_batch = {**real_batch, "fold_key": torch.from_numpy(
+                            start // (real_ds.input_len + real_ds.horizon)).to(device)}
                 rw.before_step(opt)
                 self._task_w = weighting.current()
                 self._task_record = []

@@ -68,6 +68,7 @@ HELDOUT = ["sim2real.upper_folds=2", "sim2real.learn_share=true", "sim2real.lamb
 Q5 = ["sim2real.eps_quantile=0.5"]  # eps follows the running median of h: the constraint binds
 NOAGE = ["sim2real.plane_max_age=null"]  # planes kept while their dual is positive
 VARIANTS = {"mix-warm": ("mix", ["sim2real.mix_warm_start=true"]),
+            "bilevel-frozen": ("bilevel", ["sim2real.freeze_weights=true"]),
             "bilevel-heldout": ("bilevel", HELDOUT),
             "bilevel-heldout-q5": ("bilevel", [*HELDOUT, *Q5]),
             "bilevel-heldout-q5-noage": ("bilevel", [*HELDOUT, *Q5, *NOAGE]),

@@ -324,10 +324,11 @@ def city_weights(folder: str) -> np.ndarray | None:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
     if np.std(a) == 0 or np.std(b) == 0:  # constant weights (frozen) have no ranking
         return float("nan")
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def signal_table(rows: list[dict], targets, days, modes) -> str:

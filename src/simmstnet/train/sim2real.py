@@ -132,13 +132,13 @@ agreement across seeds was near 0) and it trained theta slightly worse. Each cha
    so lambda learns from windows theta is not fitting at that step; over F steps every real window
    is in theta's loss F - 1 times. Departure from the paper: its upper level is minimised over
    (lambda, theta) jointly.
-8. One weight per simulated city (``sim2real.weight_by=scenario``, default) and a learned global
+8. One weight per simulated city (``sim2real.weight_by=scenario``) and a learned global
    simulated share s = sigmoid(share) (``learn_share``, start ``share_init`` = 0.5, the balance of
    mix with equal batch sizes). dG/ds = -eta grad G . (grad g_S - grad r_fit): s falls when the
    simulated gradient serves the held-out windows worse than the real one does, towards ``off``.
 9. Lambda steps (``lambda_opt=sgd``): lambda <- lambda - lr (g / RMS + pull (lambda - start)), the RMS
    a running mean square over *all* entries (not per coordinate, as Adam): a coordinate fed pure
-   noise random-walks in a band ~ sqrt(lr / (2 pull)) around its start (0.32 for the defaults, weight
+   noise random-walks in a band ~ sqrt(lr / (2 pull)) around its start (0.32 at lr 0.02, pull 0.1; weight
    0.5 +- 0.08), a consistent sign drifts. The share has its own RMS.
 10. ``eps_quantile`` q (off by default): eps follows the running q-quantile of h over the last
    ``eps_window`` steps, so the constraint binds about (1 - q) of the time and planes are cut, kept
@@ -167,7 +167,7 @@ agreement across seeds was near 0) and it trained theta slightly worse. Each cha
 Toy problem (tests/test_sim2real.py, 8 cities of which 4 shifted, 6 seeds): test loss 0.306 mean
 for the held-out form against 0.341 off, 0.801 mix and 0.263 for the oracle (mix on the good cities);
 with upper_folds=1 (G on the real windows theta trains on, a simulated-only lower level) and the
-other settings of the second form: 0.443.
+other settings of the held-out form: 0.443.
 
 On CUDA, l2rw and bilevel steps run scaled-dot-product attention through its math kernel
 (:func:`second_order_attention`): the fused kernels have no double backward.
@@ -927,13 +927,13 @@ class BilevelReweighter(Reweighter):
         names = list(params)
         plist = [params[n] for n in names]
         folds = self.folds > 1 and real_batch is not None
-        fit, held = self.split_real(real_batch) if folds else (None, real_batch)
 
         if phase == "warm":
             ls = self._losses(params, sim_batch)
             loss = ls.mean()
             loss.backward()
             if self.eps is None and self.t >= self.T0 - cfg.eps_calib_steps:
+                fit = self.split_real(real_batch)[0] if folds else None
                 self._calib.append(self.h_value(sim_batch, fit_batch=fit))
             self.t += 1
             diag.update(loss=float(loss.detach()), planes=len(self.planes), added=0, dropped=0)
@@ -942,6 +942,7 @@ class BilevelReweighter(Reweighter):
         if real_batch is None:
             raise ValueError("bilevel: step needs a real batch after the warm start")
         check = phase == "phase1" and (self.t - self.T0) % cfg.k_pre == 0
+        fit, held = self.split_real(real_batch) if folds else (None, real_batch)
         learn_share = folds and cfg.learn_share and not cfg.freeze_weights
         phi, h = self.unroll(params, self.lam, sim_batch, create_graph=True, fit_batch=fit)
         h_now = float(h.detach())
@@ -951,30 +952,40 @@ class BilevelReweighter(Reweighter):
         self._update_eps(h_now)
         mu = cfg.dual_reg / math.sqrt(1.0 + self.t - self.T0)
         live = None  # the live constraint's Lagrangian (or phase-2 penalty) term
+        live_coef = 0.0  # d live / d h: the term's gradient is live_coef x dh
         if cfg.live_constraint and self.eps is not None and self.eps > 0:
             # the constraint at the current point, scaled by 1/eps (same constraint, unit-free):
             # Lagrangian term in phase 1, quadratic penalty in phase 2
             rel = h / self.eps - 1.0
             if phase == "phase1" or cfg.live_phase2 == "dual":
-                live = self.gamma0 * rel if self.gamma0 > 0 else None
+                if self.gamma0 > 0:
+                    live, live_coef = self.gamma0 * rel, self.gamma0 / self.eps
                 g0 = self.gamma0 + cfg.lr_gamma0 * (float(rel.detach()) - mu * self.gamma0)
                 self.gamma0 = min(max(0.0, g0), cfg.dual_max if cfg.dual_max is not None else math.inf)
             else:
                 live = 0.5 * cfg.rho * torch.clamp(rel, min=0.0) ** 2
+                live_coef = cfg.rho * max(0.0, h_now / self.eps - 1.0) / self.eps
             diag["gamma0"] = self.gamma0
         lam_in = [self.lam] + ([self.share] if learn_share else [])
+        cut = check and h_now > self.eps  # a plane is cut this step
+        grads_h = None  # dh / d([lambda] + parameters), when the folds path has it
         if folds:
             # lambda and the share learn from G on the held-out fold; theta does not descend G (its
-            # real loss is the lower level's, on the other folds) but does feel the constraint
+            # real loss is the lower level's, on the other folds) but does feel the constraint.
+            # The live term's gradient is live_coef x dh, so one backward of h serves it and the
+            # plane cut this step.
             up_in = lam_in + plist if cfg.upper_trains_theta else lam_in
-            g_up = torch.autograd.grad(G, up_in, retain_graph=True, allow_unused=True)
-            g_c = (torch.autograd.grad(live, lam_in + plist, retain_graph=check, allow_unused=True)
-                   if live is not None else [None] * (len(lam_in) + len(plist)))
-            g_c_lam = g_c[:len(lam_in)] if cfg.constraint_lambda else [None] * len(lam_in)
+            g_up = torch.autograd.grad(G, up_in, retain_graph=live_coef != 0 or cut, allow_unused=True)
+            n_in = len(lam_in)
+            g_h = (torch.autograd.grad(h, lam_in + plist, allow_unused=True)
+                   if live_coef != 0 or cut else [None] * (n_in + len(plist)))
+            grads_h = [g_h[0], *g_h[n_in:]]
+            g_c_lam = [None if g is None else live_coef * g for g in g_h[:n_in]] \
+                if cfg.constraint_lambda else [None] * n_in
             g_lam_all = [a if b is None else (b if a is None else a + b) for a, b in zip(g_up, g_c_lam)]
-            g_theta = self._flat(g_c[len(lam_in):], plist)
+            g_theta = live_coef * self._flat(g_h[n_in:], plist)
             if cfg.upper_trains_theta:
-                g_theta = g_theta + self._flat(g_up[len(lam_in):], plist)
+                g_theta = g_theta + self._flat(g_up[n_in:], plist)
         else:
             objective = G if live is None else G + live
             g_all = torch.autograd.grad(objective, lam_in + plist, retain_graph=check, allow_unused=True)
@@ -989,13 +1000,14 @@ class BilevelReweighter(Reweighter):
         theta_now = self.theta_flat()
         added = dropped = 0
         if cfg.plane_max_age is not None:
-            # a plane linearizes h where it was cut; far from there its value means nothing (stale
-            # planes showed violations 1,000x the live h and swamped theta's gradient)
+            # a plane linearizes h where it was cut; far from there its value means nothing (kept,
+            # old planes showed violations of 20-30 in unit normals with their duals at the bound)
             dropped += self.planes.drop_older(self.t - cfg.plane_max_age)
         if check:
             dropped += self.planes.drop_inactive()
-            if h_now > self.eps:
-                grads_h = torch.autograd.grad(h, [self.lam] + plist, allow_unused=True)
+            if cut:
+                if grads_h is None:
+                    grads_h = torch.autograd.grad(h, [self.lam] + plist, allow_unused=True)
                 a, b, c, _ = self._plane_from(h, grads_h, plist, self.eps)
                 if cfg.normalize_planes:
                     scale = torch.sqrt(a @ a + b @ b)

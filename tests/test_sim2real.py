@@ -64,14 +64,12 @@ def toy_data(seed=0, d=5, n_sim=400, n_real=20, n_test=500, shift=2.0, noise=0.5
     return sim, shifted, real, test
 
 
-def train(mode, seed=0, epochs=60, batch=50, lr=0.05, data=None, steps=None, weight_by_window=False, **cfg_kw):
+def train(mode, seed=0, epochs=60, batch=50, lr=0.05, data=None, steps=None, **cfg_kw):
     """The training loop a trainer runs: one rw.step per simulated minibatch, the full (small)
     real set as the real batch. Returns (test loss, reweighter, model, per-step diags)."""
     sim, shifted, real, test = data if data is not None else toy_data(seed)
     torch.manual_seed(seed)
     model = Linear(sim["x"].shape[1])
-    if weight_by_window:  # the former bilevel form
-        cfg_kw = {**FORMER, **cfg_kw}
     cfg = Sim2RealConfig(mode=mode, **cfg_kw)
     n = len(shifted)
     spe = n // batch
@@ -338,13 +336,13 @@ def test_finetune_beats_real_only_on_an_underdetermined_toy():
         assert ft_loss < 0.5 * off_loss, (seed, ft_loss, off_loss)
 
 
-# The former form's known answer (one weight per window, Adam, G on the real windows theta trains on).
+# The default form's known answer (one weight per window, Adam, G on the real windows theta trains on).
 @pytest.mark.parametrize("seed", [0, 3])
 def test_bilevel_downweights_shifted_half_and_beats_mix(seed):
     data = toy_data(seed)
     shifted = data[1]
     mix_loss, *_ = train("mix", seed, data=data)
-    bil_loss, rw, _, diags = train("bilevel", seed, data=data, warm_start_epochs=5, weight_by_window=True)
+    bil_loss, rw, _, diags = train("bilevel", seed, data=data, warm_start_epochs=5)
     w = rw.weights()
     good, bad = float(w[~shifted].mean()), float(w[shifted].mean())
     assert bad < good - 0.2, (good, bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from simmstnet import __version__
 from simmstnet.errors import UserError
@@ -17,6 +18,7 @@ from simmstnet.errors import UserError
 COMMAND_MODULES = (
     "data",
     "simulate",
+    "calibrate",
     "train",
     "models",
     "bench",
@@ -50,7 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_default_formatwarning = warnings.formatwarning
+
+
+def _formatwarning(message, category, filename, lineno, line=None) -> str:
+    """The package's own warnings as one line, like its errors (no source line)."""
+    if getattr(category, "__module__", "").startswith("simmstnet"):
+        return f"simmstnet: warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _formatwarning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -227,6 +227,43 @@ def local_fluctuation(shape: tuple[int, int], step: int, sigma: float, corr_h: f
     return np.exp(x, out=x)
 
 
+def draw_bursts(T: int, N: int, step: int, p: dict, rng: np.random.Generator) -> np.ndarray | None:
+    """(T, N) float32 multiplier >= 1 of short demand bursts, or None when ``burst_per_day`` is 0.
+
+    A burst is a short crowd in one square (a train arriving, a queue, a meeting letting out): it
+    starts at a uniform time, lasts an exponential time of mean ``burst_minutes`` (capped at 6 h)
+    and raises the square's activity by a heavy-tailed share, ``burst_scale`` times a Lomax
+    (Pareto II) variable of tail index ``burst_alpha``. Bursts arrive as a Poisson process of
+    ``burst_per_day`` per square and day. The same multiplier is applied to every service (a
+    crowd calls, texts and browses), so it is drawn once per scenario. What it is for: the
+    heavy tails of real 10-minute increments (excess kurtosis ~6.7 on the Milano block, ~0.5
+    without bursts). A burst shorter than the step is averaged into it (its share x the overlap).
+    """
+    rate = float(p.get("burst_per_day", 0.0))
+    if rate <= 0 or p.get("burst_scale", 0.0) <= 0:
+        return None
+    days = T * step / 86400
+    n = int(rng.poisson(rate * days * N))
+    mult = np.ones((T, N), np.float32)
+    if n == 0:
+        return mult
+    cell = rng.integers(0, N, n)
+    start = rng.uniform(0, T, n)                                      # in steps
+    dur = np.minimum(rng.exponential(p["burst_minutes"] * 60, n), 6 * 3600) / step
+    height = p["burst_scale"] * rng.pareto(p["burst_alpha"], n)
+    first = np.floor(start).astype(np.int64)
+    span = int(np.ceil(dur.max())) + 1
+    for k in range(span + 1):
+        t = first + k
+        lo, hi = np.maximum(start, t), np.minimum(start + dur, t + 1)
+        overlap = np.clip(hi - lo, 0, 1)
+        ok = (overlap > 0) & (t < T)
+        if not ok.any():
+            continue
+        np.add.at(mult, (t[ok], cell[ok]), (height[ok] * overlap[ok]).astype(np.float32))
+    return mult
+
+
 def demand(city: City, cal: Calendar, service: str, step: int, p: dict, events: list[dict],
            rng: np.random.Generator) -> np.ndarray:
     """Expected activity (T, N) float32 of ``service`` (counts per step, or MB per step for Net)."""

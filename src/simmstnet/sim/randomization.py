@@ -127,6 +127,11 @@ _SPECS += [
     _f("events_per_week", 0.0, 30, "special events (stadium, fair, concert) per week"),
     _f("event_size", 0.0, 50, "extra people at an event, relative to the day population of its square"),
     _f("event_radius_m", 50, 3000, "radius of an event's crowd"),
+    _f("burst_per_day", 0.0, 200, "short demand bursts per square per day, shared by all services "
+       "(0 = none; demand.draw_bursts)"),
+    _f("burst_minutes", 1.0, 360, "mean duration of a burst in minutes (exponential)"),
+    _f("burst_scale", 0.0, 50, "size of a burst: extra activity as a share of the square's, times a Lomax variable"),
+    _f("burst_alpha", 1.05, 20, "tail index of the burst size (low = heavier tail)"),
     # measurement
     _c("count_noise", ("poisson", "negbin"), "noise of Call and SMS counts"),
     _f("negbin_k", 0.1, 1000, "negative-binomial dispersion k (variance = mu + mu^2/k)", log=True),

@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -39,6 +40,16 @@ MAX_CELLS = 1_000_000
 # mask bool per service): demand, carried traffic, noise and mask temporaries. Measured at
 # ~50 bytes per step x square for three services (rows 100-200, 10-20 days), output included.
 _WORK_BYTES = 40
+# Burst multiplier (demand.draw_bursts), when bursts are on: one float32 per step x square.
+_BURST_BYTES = 4
+# simulate / simulate_to_path warn (CapacityWarning) when sector capacity clips more than this
+# share of a scenario's Net demand. The presets congest on purpose (random: up to ~20 % in one
+# city in ten); beyond a quarter the Net series is mostly the capacity, not the demand.
+CLIP_WARN_SHARE = 0.25
+
+
+class CapacityWarning(UserWarning):
+    """Sector capacity clipped a large share of the simulated Net demand."""
 
 
 def parse_start(start: str | int, timezone: str = TIMEZONE) -> int:
@@ -73,9 +84,12 @@ def _check_shape(rows: int, cols: int, days: float, step: int, services: Sequenc
 
 
 def _service_channel(service: str, city, cal, radio, step: int, p: dict, events: list,
-                     demand_seq: np.random.SeedSequence, noise_seq: np.random.SeedSequence):
+                     demand_seq: np.random.SeedSequence, noise_seq: np.random.SeedSequence,
+                     bursts: np.ndarray | None = None):
     """What the operator books for one service: (T, N) float32 in output units, congestion info."""
     lam = dm.demand(city, cal, service, step, p, events, np.random.default_rng(demand_seq))
+    if bursts is not None:
+        lam *= bursts
     rng = np.random.default_rng(noise_seq)
     carried, cong = ms.carried_by_sector(lam, radio, step, saturate=(service == "net"), p=p, rng=rng)
     del lam
@@ -119,12 +133,14 @@ def simulate_scenario(space: ParamSpace, rows: int, cols: int, days: float = 30,
     noise_streams = dict(zip(dm.SERVICES3, noise_seqs))
     events = dm.draw_events(city, cal, step, p, np.random.default_rng(ev_seq))
     observed, mask_info = ms.draw_mask(T, rows * cols, radio, step, p, np.random.default_rng(mask_seq))
+    # bursts have their own stream (the root's 6th child): turning them on changes nothing else
+    bursts = dm.draw_bursts(T, rows * cols, step, p, np.random.default_rng(root.spawn(1)[0]))
 
     values = np.zeros((T, rows * cols, len(services)), dtype=np.float32)
     derived: dict = dict(radio.info, **mask_info)
     for ci, service in enumerate(services):
         booked, cong = _service_channel(service, city, cal, radio, step, p, events,
-                                        demand_streams[service], noise_streams[service])
+                                        demand_streams[service], noise_streams[service], bursts)
         derived.update({f"net_{k}": v for k, v in cong.items()})
         values[:, :, ci] = np.where(observed, booked, 0.0)
         del booked
@@ -140,6 +156,24 @@ def simulate_scenario(space: ParamSpace, rows: int, cols: int, days: float = 30,
     return TrafficGrid(values, mask, timestamps, tuple(services), meta)
 
 
+def warn_clipping(shares: Sequence[float]) -> bool:
+    """One CapacityWarning for the scenarios whose capacity clipped more than CLIP_WARN_SHARE of
+    their Net demand; True when it warned."""
+    over = [(i, v) for i, v in enumerate(shares) if v is not None and v > CLIP_WARN_SHARE]
+    if not over:
+        return False
+    worst = max(over, key=lambda iv: iv[1])
+    warnings.warn(f"{len(over)} of {len(shares)} scenarios: sector capacity clipped more than "
+                  f"{CLIP_WARN_SHARE:.0%} of the Net demand (worst: scenario {worst[0]}, {worst[1]:.0%}); "
+                  f"their Net series follow the capacity, not the demand. Raise bandwidth_mhz or lower "
+                  f"net_kbps_per_user unless that congestion is wanted", CapacityWarning, stacklevel=3)
+    return True
+
+
+def _lost_share(grid: TrafficGrid) -> float | None:
+    return grid.meta.get("sim_derived", {}).get("net_lost_net_share")
+
+
 def _run_one(kwargs: dict) -> TrafficGrid:
     return simulate_scenario(**kwargs)
 
@@ -149,7 +183,7 @@ def _run_and_save(args: tuple[dict, str]) -> dict:
     grid = simulate_scenario(**kwargs)
     grid.save(path)
     return {"file": Path(path).name, "scenario": kwargs["index"], "shape": list(grid.shape),
-            "sim_params": grid.meta["sim_params"]}
+            "sim_params": grid.meta["sim_params"], "lost_net_share": _lost_share(grid)}
 
 
 def estimate_memory(rows: int, cols: int, T: int, n_services: int, scenarios: int = 1,
@@ -159,7 +193,7 @@ def estimate_memory(rows: int, cols: int, T: int, n_services: int, scenarios: in
     steps_cells = int(T) * int(rows) * int(cols)
     output = steps_cells * n_services * 5
     running = max(1, min(int(workers), int(scenarios)))
-    peak = running * (output + steps_cells * _WORK_BYTES)
+    peak = running * (output + steps_cells * (_WORK_BYTES + _BURST_BYTES))
     if keep:
         peak += (int(scenarios) - running) * output
     return peak, output
@@ -220,7 +254,9 @@ def simulate(preset: str = "milano-like", rows: int = 20, cols: int = 20, days: 
     """
     jobs = _jobs(preset, rows, cols, days, step, scenarios, seed, config, start, shift, services,
                  workers=workers, keep=True)
-    return list(_map(_run_one, jobs, workers, progress))
+    grids = list(_map(_run_one, jobs, workers, progress))
+    warn_clipping([_lost_share(g) for g in grids])
+    return grids
 
 
 def simulate_to_path(out: str | os.PathLike, preset: str = "milano-like", rows: int = 20, cols: int = 20,
@@ -237,7 +273,8 @@ def simulate_to_path(out: str | os.PathLike, preset: str = "milano-like", rows: 
     if len(jobs) == 1:
         if out.suffix != ".npz":
             raise UserError(f"--out {out}: one scenario is written as a .npz file")
-        _run_and_save((jobs[0], str(out)))
+        entry = _run_and_save((jobs[0], str(out)))
+        warn_clipping([entry["lost_net_share"]])
         return out
     if out.suffix == ".npz":
         raise UserError(f"--out {out}: several scenarios are written to a folder, not a .npz file")
@@ -246,6 +283,7 @@ def simulate_to_path(out: str | os.PathLike, preset: str = "milano-like", rows: 
     out.mkdir(parents=True, exist_ok=True)
     entries = list(_map(_run_and_save, [(j, str(out / f"scenario-{j['index']:04d}.npz")) for j in jobs],
                         workers, progress))
+    warn_clipping([e["lost_net_share"] for e in entries])
     index = {"format": "simmstnet-sim-index/1", "preset": preset, "seed": int(seed),
              "scenarios": len(entries), "step": format_step(parse_step(step)), "rows": rows, "cols": cols,
              "days": days, "start": str(start), "shift": float(shift), "services": list(services),

@@ -92,8 +92,13 @@ def prepare_inputs(out: Path, args) -> dict:
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
+    family = args.source_preset
+    if args.source_config:  # a simulate --config file (e.g. simmstnet calibrate's params.yaml)
+        import hashlib
+
+        family = "cfg-" + hashlib.sha256(Path(args.source_config).read_bytes()).hexdigest()[:10]
     paths = {"real": data / "milano-net-5x5-1h.npz", "sim": data / f"target-{args.source_preset}-shift{args.shift:g}.npz",
-             "sources": data / f"sources-{args.source_preset}-{args.scenarios}x{args.rows}x{args.cols}"}
+             "sources": data / f"sources-{family}-{args.scenarios}x{args.rows}x{args.cols}"}
     if not paths["real"].exists():
         if not CSV.is_file():
             sys.exit(f"shared data not found at {CSV}")
@@ -102,7 +107,8 @@ def prepare_inputs(out: Path, args) -> dict:
         g.resample(3600).save(paths["real"])
     if not (paths["sources"] / "index.json").exists():
         simulate_to_path(paths["sources"], preset=args.source_preset, rows=args.rows, cols=args.cols, days=21,
-                         step="1h", scenarios=args.scenarios, seed=0, start="2013-11-01", progress=True)
+                         step="1h", scenarios=args.scenarios, seed=0, start="2013-11-01", progress=True,
+                         config=args.source_config)
     if not paths["sim"].exists():
         # seed 1000: not one of the sources; shift > 0: parameters outside the source ranges
         (g,) = simulate(preset=args.source_preset, rows=args.target_size, cols=args.target_size, days=21, step="1h",
@@ -170,6 +176,8 @@ def main() -> None:
     ap.add_argument("--max-sim", type=int, default=20000, help="sim2real.max_sim_windows")
     ap.add_argument("--steps", type=int, default=32, help="sim2real.steps_per_epoch of every mode")
     ap.add_argument("--source-preset", default="milano-like", help="simulator preset of the source scenarios")
+    ap.add_argument("--source-config", default=None,
+                    help="simulate --config file for the source scenarios (e.g. calibrate's params.yaml)")
     ap.add_argument("--scenarios", type=int, default=32)
     ap.add_argument("--rows", type=int, default=10)
     ap.add_argument("--cols", type=int, default=10)

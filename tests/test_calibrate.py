@@ -155,15 +155,30 @@ def test_calibration_recovers_known_parameters(tmp_path):
     assert np.isclose(res.weights.sum(), 1.0)
 
 
+# Four parameters, every other one left random (the posterior is marginal over them).
+TRUE4 = {"net_phase1": 14.2, "net_amp1": 0.45, "net_amp2": 0.15, "net_sunday": 0.8}
+
+
 @pytest.mark.slow
-def test_calibration_recovery_over_trials():
-    hits = {k: 0 for k in TRUE}
-    for trial in range(4):
-        res = _calibrate(_target(100 + trial, nuisance=None), seed=trial, population=60, generations=5,
-                         config=None)
+def test_calibration_recovery_over_ten_trials():
+    """Issue 13: each identifiable parameter's true value lies inside its 90 % interval in most of
+    10 trials (10 target cities, other parameters random)."""
+    hits = {k: 0 for k in TRUE4}
+    identified = {k: 0 for k in TRUE4}
+    for trial in range(10):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CapacityWarning)
+            real = simulate("milano-like", 4, 4, days=7, step="1h", seed=200 + trial, services=("net",),
+                            config=TRUE4, start="2013-11-07")[0]
+        res = _calibrate(real, params=list(TRUE4), seed=trial, population=60, generations=5, config=None)
         for r in cb.posterior_table(res):
-            hits[r["name"]] += r["q05"] <= TRUE[r["name"]] <= r["q95"]
-    assert all(h >= 3 for h in hits.values()), hits
+            hits[r["name"]] += r["q05"] <= TRUE4[r["name"]] <= r["q95"]
+            identified[r["name"]] += r["identified"]
+    # the daily peak hour and amplitude are what the statistics see first
+    assert identified["net_phase1"] >= 8 and identified["net_amp1"] >= 8, identified
+    for name in TRUE4:
+        if identified[name] >= 5:
+            assert hits[name] >= 6, (name, hits, identified)
 
 
 def test_predictive_check_and_outputs_feed_simulate(tmp_path):

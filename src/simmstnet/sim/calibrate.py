@@ -93,12 +93,14 @@ def service_stats(grid: TrafficGrid, service: str) -> dict[str, float]:
 
     ``logprof_HH``: log of the mean daily profile (mean 1) at local hour HH; ``log_offday``: log of
     the off-day / working-day mean; ``offday_spread``: std over squares of the log of each square's
-    own off-day ratio; ``acf_day``; ``resid_corr_1`` / ``_2``: mean residual correlation of
-    squares 1 and 2 apart (after each square's daily profile); ``log_cv_space``: log CV of square
+    own off-day ratio; ``acf_day``; ``resid_corr_1`` .. ``_4``: mean residual correlation of
+    squares 1 to 4 apart (after each square's daily profile; NaN where no pair is that far);
+    ``log_cv_space``: log CV of square
     means; ``cv_time``; ``log_q99``; ``peak_spread``: circular std (hours) of the squares' peak
     hours; ``shape_corr``: median correlation of a square's profile with the block's;
     ``svd2`` / ``svd3``: variance share of the 2nd and 3rd singular components of the normalized
-    (time x square) matrix; ``inc_kurt``: excess kurtosis of log increments at the grid's step.
+    (time x square) matrix; ``log_night_day``: log of the profile's 2-6 h mean over its 10-19 h
+    mean; ``inc_kurt``: excess kurtosis of log increments at the grid's step.
     """
     z, keep = realism._normalized(grid, service)
     if z.shape[1] == 0:
@@ -114,6 +116,8 @@ def service_stats(grid: TrafficGrid, service: str) -> dict[str, float]:
         prof = prof / np.nanmean(prof)
         for h in range(24):
             out[f"logprof_{h:02d}"] = float(np.log(prof[h])) if prof[h] > 0 else float("nan")
+        night, day = np.nanmean(prof[2:6]), np.nanmean(prof[10:19])
+        out["log_night_day"] = float(np.log(night / day)) if night > 0 and day > 0 else float("nan")
         working = cal.daytype == 0
         if working.any() and (~working).any():
             wk, off = np.nanmean(z[working], 0), np.nanmean(z[~working], 0)
@@ -130,7 +134,7 @@ def service_stats(grid: TrafficGrid, service: str) -> dict[str, float]:
         rr, cc = np.divmod(np.nonzero(keep)[0], W)
         i, j = np.triu_indices(z.shape[1], 1)
         dist = np.rint(np.hypot(rr[i] - rr[j], cc[i] - cc[j])).astype(int)
-        for d in (1, 2):
+        for d in (1, 2, 3, 4):
             sel = dist == d
             out[f"resid_corr_{d}"] = realism._pair_corr(resid, i[sel], j[sel]) if sel.any() else float("nan")
         c = grid.service_index(service)
@@ -285,7 +289,15 @@ class SimModel:
         s = summary_stats(grid, self.services)
         return {k: (float(s[k]) if np.isfinite(s.get(k, np.nan)) else _FAR) for k in self.stat_names}
 
+    # wall-clock deadline (time.time()) of the sampling; past it every call returns at once with
+    # statistics no threshold accepts, so a generation that cannot finish in time fails fast and
+    # pyabc stops with the last complete generation (it checks its own max_walltime only between
+    # generations, and one generation at a low acceptance rate can take many minutes)
+    deadline: float | None = None
+
     def __call__(self, par) -> dict[str, float]:
+        if self.deadline is not None and time.time() > self.deadline:
+            return {k: _FAR for k in self.stat_names}
         return self.stats_of(self.simulate(par, seed=int(np.random.randint(0, 2**31 - 1))))
 
 
@@ -403,29 +415,94 @@ def calibrate(real: TrafficGrid, preset: str = "milano-like", days: float | None
     if db.exists():
         db.unlink()
     t0 = time.perf_counter()
-    import logging
-
-    for name in ("ABC", "pyabc", "Sampler", "Distance", "Epsilon", "Acceptor", "History"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    model.deadline = time.time() + 60 * float(max_minutes)
     try:
-        abc.new(f"sqlite:///{db}", observed)
-        from datetime import timedelta
+        with _progress(log, t0, int(generations)):
+            abc.new(f"sqlite:///{db}", observed)
+            from datetime import timedelta
 
-        history = abc.run(max_nr_populations=int(generations), min_acceptance_rate=float(min_acceptance),
-                          max_walltime=timedelta(minutes=float(max_minutes)))
+            history = abc.run(max_nr_populations=int(generations), min_acceptance_rate=float(min_acceptance),
+                              max_walltime=timedelta(minutes=float(max_minutes)))
     finally:
+        model.deadline = None
         if client is not None:
             client.close()
     seconds = time.perf_counter() - t0
+    if history.max_t < 0:
+        raise UserError(f"--max-minutes {max_minutes:g}: not even the first generation of {population} particles "
+                        f"finished in time (one simulation takes {per_sim:.2f} s); allow more minutes or "
+                        f"lower --population")
     df, w = history.get_distribution(m=0, t=history.max_t)
     pops = history.get_all_populations()
+    sims = int(pops.samples.sum())  # completed generations (and the prior calibration sample) only
     pops = pops[pops.t >= 0]
     eps = [float(e) for e in pops.epsilon]
-    sims = int(history.total_nr_simulations)
     log(f"ABC-SMC: {history.max_t + 1} generations, {sims} simulations in {seconds:.0f} s; "
         f"final threshold {eps[-1]:.3g}")
     return CalibrationResult(preset, priors, df.reset_index(drop=True), np.asarray(w, dtype=float), observed,
                              model, history.max_t + 1, sims, seconds, eps, levels(fit, services))
+
+
+class _GenerationLog:
+    """logging handler on pyabc's "ABC" logger: one line per generation into ``log``."""
+
+    def __init__(self, log, t0: float, generations: int):
+        import logging
+
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = self.emit
+        self.log, self.t0, self.generations, self.eps = log, t0, generations, None
+
+    def emit(self, record) -> None:
+        msg = record.getMessage()
+        if record.name != "ABC":
+            return
+        if msg.startswith("t: ") and ", eps: " in msg:
+            self.t = int(msg[3:msg.index(",")])
+            self.eps = float(msg.split("eps: ")[1].rstrip("."))
+        elif msg.startswith("Accepted: ") and self.eps is not None:
+            acc = msg.split("Accepted: ")[1].split(" =")[0]
+            try:
+                a, n = (int(x) for x in acc.split(" / "))
+                acc = f"{a} of {n} simulations ({a / max(n, 1):.0%})"
+            except ValueError:
+                pass
+            self.log(f"generation {self.t + 1}/{self.generations}: threshold {self.eps:.3g}, accepted {acc}, "
+                     f"{time.perf_counter() - self.t0:.0f} s")
+
+
+class _progress:
+    """Context: pyabc's own log lines silenced, one progress line per generation instead."""
+
+    def __init__(self, log, t0: float, generations: int):
+        self.gen = _GenerationLog(log, t0, generations)
+
+    def __enter__(self):
+        import logging
+
+        self.abc = logging.getLogger("ABC")
+        self.saved = (self.abc.level, list(self.abc.handlers), self.abc.propagate)
+        self.abc.handlers[:] = [self.gen.handler]
+        self.abc.setLevel(logging.INFO)
+        self.abc.propagate = False
+        self.children = {}
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("ABC."):
+                child = logging.getLogger(name)
+                self.children[name] = child.level
+                child.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        level, handlers, propagate = self.saved
+        self.abc.setLevel(level)
+        self.abc.handlers[:] = handlers
+        self.abc.propagate = propagate
+        for name, lvl in self.children.items():
+            logging.getLogger(name).setLevel(lvl)
+        return False
 
 
 def tempfile_db() -> str:
@@ -495,11 +572,20 @@ def predictive_check(res: CalibrationResult, draws: int = 40, seed: int = 0,
            "inside_share": float(np.mean([r["inside"] for r in table])),
            "scale": {s: [float(np.quantile(v, 0.05)), float(np.quantile(v, 0.95))] for s, v in scales.items() if v}}
     if holdout is not None:
-        rep = realism.compare(holdout.select_services(list(m.services)), held, seed=seed)
-        out["holdout"] = {"days": holdout.shape[0] * holdout.step / 86400,
-                          "mmd2": {s: v["mmd2"] for s, v in rep["services"].items()},
-                          "mmd2_real_halves": {s: v["mmd2_real_halves"] for s, v in rep["services"].items()},
-                          "overall_mmd2": rep["overall_mmd2"]}
+        out["holdout"] = holdout_check(holdout.select_services(list(m.services)), held, seed)
+    return out
+
+
+def holdout_check(holdout: TrafficGrid, sims: Sequence[TrafficGrid], seed: int = 0) -> dict:
+    """MMD^2 of day windows, simulated against held-out real days (realism.compare), at the grid's
+    step and, for a step finer than an hour, hourly too (``*_1h``: the trainer's usual protocol)."""
+    out = {"days": holdout.shape[0] * holdout.step / 86400}
+    steps = [holdout.step] + ([3600] if holdout.step < 3600 and 3600 % holdout.step == 0 else [])
+    for step in steps:
+        rep = realism.compare(holdout.resample(step), [g.resample(step) for g in sims], seed=seed)
+        tag = "" if step == holdout.step else "_1h"
+        out["mmd2" + tag] = {s: v["mmd2"] for s, v in rep["services"].items()}
+        out["mmd2_real_halves" + tag] = {s: v["mmd2_real_halves"] for s, v in rep["services"].items()}
     return out
 
 
@@ -552,6 +638,9 @@ def format_report(res: CalibrationResult, table: list[dict], check: dict | None)
                       "| service | MMD^2 simulated vs held-out | MMD^2 held-out first vs second half |", "|---|---:|---:|"]
             for s in h["mmd2"]:
                 lines.append(f"| {s} | {h['mmd2'][s]:.4f} | {h['mmd2_real_halves'][s]:.4f} |")
+            if "mmd2_1h" in h:
+                for s in h["mmd2_1h"]:
+                    lines.append(f"| {s} (hourly) | {h['mmd2_1h'][s]:.4f} | {h['mmd2_real_halves_1h'][s]:.4f} |")
     return "\n".join(lines) + "\n"
 
 

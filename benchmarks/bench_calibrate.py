@@ -169,7 +169,7 @@ def part_scarce(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     real = load_block().resample(3600)
     L, H = 24, 6
-    results = {}
+    results, refs = {}, {}
     for d in [int(x) for x in args.days.split(",")]:
         lo, a = split_ranges(real, (0.6, 0.1, 0.3), L, H, train_days=d)["train"]
         kept = real.slice_time(int(real.timestamps[lo - L]), int(real.timestamps[a]))
@@ -189,6 +189,7 @@ def part_scarce(args) -> None:
             print(" ".join(cmd), file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True)
             rows = list(csv.DictReader(open(out / f"evidence-{family}-d{d}" / "results.csv")))
+            refs.update({(d, r["mode"]): r["test_mae"] for r in rows if r["kind"] == "reference"})
             for r in rows:
                 if r["mode"] in args.modes.split(",") and r["test_mae"]:
                     results.setdefault((d, r["mode"]), {}).setdefault(family, {})[int(r["seed"])] = float(r["test_mae"])
@@ -205,6 +206,9 @@ def part_scarce(args) -> None:
         diff = vb - va
         lines.append(f"| {d} | {mode} | {va.mean():.2f} ± {va.std():.2f} | {vb.mean():.2f} ± {vb.std():.2f} | "
                      f"{diff.mean():+.2f} ± {diff.std():.2f} | {vb.mean() / va.mean():.3f} |")
+    lines += ["", "Simple references on the same split (no simulated data; ridge fitted on the D kept days):", ""]
+    lines += [f"- D={d} {mode}: test MAE {float(v):.2f}" if v else f"- D={d} {mode}: n/a"
+              for (d, mode), v in sorted(refs.items())]
     text = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(text)
     print(text)

@@ -57,6 +57,8 @@ from _runs import run_one  # noqa: E402  (shared by the benchmark scripts)
 CSV = ROOT.parent / "shared" / "data" / "telecom-italia" / "milano-internet-r41-45-c41-45-10min-2013-11-01-to-21.csv"
 from simmstnet.train.sim2real import MODES as BASE_MODES  # off, mix, l2rw, bilevel, finetune
 
+REFERENCES = ("seasonal-naive-day", "last-value", "ridge")
+FITTED_REFERENCES = ("ridge",)  # fitted on the D kept real days; the others need no training
 DEFAULT_MODES = ("off", "mix", "finetune", "bilevel", "bilevel-heldout", "bilevel-heldout-q5",
                  "bilevel-heldout-nocon")
 # The held-out bilevel form (issue 12; sim2real module docstring, points 7-12): held-out folds, one
@@ -208,17 +210,26 @@ def main() -> None:
                  "train.loss_weighting=average"],
         "sim": [f"data.path={paths['sim']}", "data.services=[call,sms,net]", "model.name=sim-mstnet"],
     }
+    from simmstnet.errors import UserError
+
     rows, jobs = [], []
     t_all = time.perf_counter()
     for target in targets:
         base = PROTOCOL + per_target[target] + args.common
-        naive = run_one(out / "runs" / target / "seasonal-naive-day",
-                        [*base, "model.name=seasonal-naive-day", "train.loss_weighting=average",
-                         "train.device=cpu"])
-        for d in days:
-            rows.append({"target": target, "days": d, "mode": "seasonal-naive", "kind": "naive", "seed": "-",
-                         "test_mae": naive["test"]["overall"]["mae"], "test_rmse": naive["test"]["overall"]["rmse"],
-                         "sec_epoch": None, "note": "", "seconds": None})
+        # the simple references beside every result: no training (seasonal naive, last value), and
+        # the closed-form linear reference fitted on the same D kept real days (deterministic: one run)
+        for ref in REFERENCES:
+            for d in days:
+                scarce = [f"data.train_days={d}"] if ref in FITTED_REFERENCES else []
+                folder = out / "runs" / target / (f"d{d}" if scarce else "") / ref
+                try:
+                    m = run_one(folder, [*base, *scarce, f"model.name={ref}", "train.loss_weighting=average",
+                                         "train.device=cpu"])
+                    mae, rmse, note = m["test"]["overall"]["mae"], m["test"]["overall"]["rmse"], ""
+                except UserError as exc:
+                    mae, rmse, note = None, None, "n/a: " + str(exc)[:80]
+                rows.append({"target": target, "days": d, "mode": ref, "kind": "reference", "seed": "-",
+                             "test_mae": mae, "test_rmse": rmse, "sec_epoch": None, "note": note, "seconds": None})
         for d in days:
             for mode in modes:
                 for seed in range(args.seeds):
@@ -260,7 +271,7 @@ def main() -> None:
         for job in jobs:
             rows.append(_job(job))
             report(rows[-1])
-    write_outputs(out, rows, targets, days, ["seasonal-naive", *modes], args)
+    write_outputs(out, rows, targets, days, [*REFERENCES, *modes], args)
     print(f"total {time.perf_counter() - t_all:.0f}s", file=sys.stderr)
 
 
@@ -356,7 +367,7 @@ def signal_table(rows: list[dict], targets, days, modes) -> str:
             for mode in modes:
                 sel = [r for r in rows if r["target"] == t and r["days"] == d and r["mode"] == mode
                        and r["test_mae"] is not None and r["seed"] in ref]
-                if not sel or mode in ("mix", "seasonal-naive"):
+                if not sel or mode in ("mix", *REFERENCES):
                     continue
                 diffs = [r["test_mae"] - ref[r["seed"]] for r in sel]
                 cell = f"{np.mean(diffs):+.3g} ({', '.join(f'{x:+.3g}' for x in diffs)})"

@@ -144,14 +144,14 @@ def _calibrate(real, **kw):
 
 
 def test_calibration_recovers_known_parameters(tmp_path):
-    res = _calibrate(_target(1), db=tmp_path / "abc.db")
+    res = _calibrate(_target(1), generations=5, db=tmp_path / "abc.db")
     table = {r["name"]: r for r in cb.posterior_table(res)}
     for name, true in TRUE.items():
         r = table[name]
         assert r["q05"] <= true <= r["q95"], (name, r)
     # the peak hour is what the daily profile pins down: the posterior is far narrower than the prior
     assert table["net_phase1"]["width_share"] < 0.4
-    assert res.generations == 3 and res.simulations >= 3 * 40
+    assert res.generations == 5 and res.simulations >= 5 * 40
     assert np.isclose(res.weights.sum(), 1.0)
 
 
@@ -223,6 +223,10 @@ def test_calibration_input_errors(monkeypatch):
         cb.calibrate(real, params=list(TRUE), population=0)
     with pytest.raises(UserError, match="--widen"):
         cb.calibrate(real, params=list(TRUE), widen=-1)
+    monkeypatch.setenv("SIMMSTNET_MAX_MEMORY", "100KB")
+    with pytest.raises(UserError, match=r"calibrating on 4x4 squares x 72 steps x 1 services \(2 simulations at once"):
+        cb.calibrate(real, params=list(TRUE), workers=2)
+    monkeypatch.delenv("SIMMSTNET_MAX_MEMORY")
     with pytest.raises(UserError, match="Dask scheduler"):
         cb.calibrate(real, params=list(TRUE), population=5, generations=1, dask="tcp://127.0.0.1:1")
 

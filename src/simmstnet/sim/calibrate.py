@@ -45,15 +45,23 @@ from simmstnet.utils import format_step
 # in the grid: its daily harmonics and day-type levels; shared: how the week shifts the profile,
 # commuting, land-use mixing, local fluctuation and day-to-day level noise; Net: its volume noise.
 PER_SERVICE = ("amp1", "phase1", "amp2", "phase2", "amp3", "saturday", "sunday")
-SHARED = ("weekend_shift_h", "commuter_share", "commute_morning_h", "commute_evening_h",
-          "landuse_temperature", "local_sigma", "local_corr_h", "daily_level_sigma")
-NET_ONLY = ("net_noise_sigma", "net_noise_df")
+SHARED = ("weekend_shift_h", "commuter_share", "landuse_temperature", "local_sigma", "local_corr_h",
+          "daily_level_sigma", "inflow_share")
+NET_ONLY = ("net_noise_sigma", "net_record_share")
 COUNTS = ("negbin_k",)
-BURSTS = ("burst_per_day", "burst_minutes", "burst_scale", "burst_alpha")
-# Calibration ranges of parameters the presets fix (bursts are off in every preset, so that their
-# published figures stay as they are): used as the prior's base range instead of the preset's.
+BURSTS = ("burst_per_day", "burst_scale", "burst_alpha")
+# square-scale texture (docs/simulator.md): shape and off-day diversity, service mix (which also
+# spreads the square means of a single service)
+SQUARE = ("square_shape_sigma", "square_offday_sigma", "square_mix_sigma")
+NIGHT = {"call": "call_night_depth", "sms": "sms_night_depth"}
+# Calibration ranges of parameters the presets fix (the realism pieces are off in every preset, so
+# that their published figures stay as they are): used as the prior's base range instead of the
+# preset's (widened like the others, within the hard bounds).
 CALIB_RANGES = {"burst_per_day": (0.0, 8.0), "burst_minutes": (5.0, 60.0), "burst_scale": (0.2, 3.0),
-                "burst_alpha": (1.5, 4.0)}
+                "burst_alpha": (1.5, 4.0), "square_shape_sigma": (0.0, 0.6), "square_offday_sigma": (0.0, 0.3),
+                "square_mix_sigma": (0.0, 0.6), "call_night_depth": (0.0, 0.97), "sms_night_depth": (0.0, 0.97),
+                "inflow_share": (0.0, 1.0), "net_record_share": (0.0, 1.0), "bridge_factor": (0.6, 1.0),
+                "event_attendance": (0.0, 60000.0)}
 # Seconds to wait for a --dask scheduler before giving up with a UserError.
 DASK_TIMEOUT_S = 10
 # A parameter is *identified* when its posterior 90 % interval is at most this share of the prior's.
@@ -63,7 +71,8 @@ _FAR = 100.0
 
 
 def default_params(services: Sequence[str]) -> list[str]:
-    names = [f"{s}_{k}" for s in services for k in PER_SERVICE] + list(SHARED) + list(BURSTS)
+    names = [f"{s}_{k}" for s in services for k in PER_SERVICE] + list(SHARED) + list(BURSTS) + list(SQUARE)
+    names += [NIGHT[s] for s in services if s in NIGHT]
     if "net" in services:
         names += list(NET_ONLY)
     if "call" in services or "sms" in services:
@@ -397,6 +406,14 @@ def calibrate(real: TrafficGrid, preset: str = "milano-like", days: float | None
         raise UserError("no summary statistic can be computed on the real grid")
     observed = {k: observed_all[k] for k in stat_names}
     H, W = fit.shape[1:3]
+    from simmstnet.sim.simulator import estimate_memory
+    from simmstnet.utils import check_memory
+
+    running = 1 if dask else max(1, int(workers))
+    peak, _ = estimate_memory(H, W, fit.shape[0], len(services), scenarios=running, workers=running)
+    check_memory(peak, f"calibrating on {H}x{W} squares x {fit.shape[0]} steps x {len(services)} services "
+                       f"({running} simulation{'s' if running > 1 else ''} at once; fit fewer --days, a smaller "
+                       f"block of squares or fewer --workers)")
     model = SimModel(preset, priors, H, W, fit.shape[0] / per_day, fit.step, int(fit.timestamps[0]),
                      services, stat_names, config)
     per_sim = estimate_seconds(model)
@@ -408,7 +425,8 @@ def calibrate(real: TrafficGrid, preset: str = "milano-like", days: float | None
     prior = pyabc.Distribution(**{p.name: pyabc.RV("uniform", p.bounds_internal()[0],
                                                   p.bounds_internal()[1] - p.bounds_internal()[0])
                                   for p in priors})
-    sampler, client = _sampler(workers, dask)
+    with _progress(log, time.perf_counter(), int(generations)):  # silences the sampler's set-up line
+        sampler, client = _sampler(workers, dask)
     distance = pyabc.AdaptivePNormDistance(p=2)
     abc = pyabc.ABCSMC(model, prior, distance, population_size=int(population), sampler=sampler)
     db = Path(db) if db else Path(tempfile_db())
@@ -421,8 +439,16 @@ def calibrate(real: TrafficGrid, preset: str = "milano-like", days: float | None
             abc.new(f"sqlite:///{db}", observed)
             from datetime import timedelta
 
-            history = abc.run(max_nr_populations=int(generations), min_acceptance_rate=float(min_acceptance),
-                              max_walltime=timedelta(minutes=float(max_minutes)))
+            try:
+                history = abc.run(max_nr_populations=int(generations), min_acceptance_rate=float(min_acceptance),
+                                  max_walltime=timedelta(minutes=float(max_minutes)))
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                # importance weights collapsed onto a few particles (it happens with many parameters):
+                # the proposal for the next generation cannot be fitted; the generations stored so
+                # far are complete, so the last of them is the posterior
+                history = abc.history
+                log(f"ABC-SMC stopped after generation {history.max_t + 1}: the next proposal could not be "
+                    f"fitted ({str(exc).splitlines()[0][:80]}); using the last complete generation")
     finally:
         model.deadline = None
         if client is not None:
@@ -467,7 +493,13 @@ class _GenerationLog:
                 acc = f"{a} of {n} simulations ({a / max(n, 1):.0%})"
             except ValueError:
                 pass
+            ess = msg.split("ESS: ")[1].rstrip(".") if "ESS: " in msg else "?"
+            try:
+                ess = f"{float(ess):.0f}"
+            except ValueError:
+                pass
             self.log(f"generation {self.t + 1}/{self.generations}: threshold {self.eps:.3g}, accepted {acc}, "
+                     f"effective sample size {ess}, "
                      f"{time.perf_counter() - self.t0:.0f} s")
 
 

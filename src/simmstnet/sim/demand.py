@@ -20,7 +20,16 @@ with 24, 12 and 8 hour harmonics (the dominant periods in the Milano spectrum, B
 2015; Zhang & Patras 2018), a land-use amplitude a_c and shift delta_c (nightlife runs later).
 Calendar: Italian public holidays (``simmstnet.data.calendar.italian_holidays``: Jan 1, Jan 6,
 Easter Monday, Apr 25, May 1, Jun 2, Aug 15, Nov 1, Dec 8, Dec 25, Dec 26) count as Sundays;
-the Christmas period is Dec 24 to Jan 6.
+the Christmas period is Dec 24 to Jan 6. Optional (parameters, neutral in the presets): a local
+patron-saint holiday (``local_holiday``) counts as a Sunday too, and a bridge day ("ponte", a
+working day between two non-working days) gets the level factor ``bridge_factor``.
+
+Demand realism pieces (issue 13), each off at its neutral value: a deeper Call/SMS night trough
+(``call_night_depth``, ``sms_night_depth``), working-day inflow from outside the grid
+(``inflow_share``), events of absolute attendance (``event_attendance``), and, applied per square
+after attribution (:func:`draw_square_shape`, :func:`draw_service_mix`), per-square daily shape
+and off-day texture (``square_shape_sigma``, ``square_offday_sigma``) and a per-square service
+mix (``square_mix_sigma``).
 """
 from __future__ import annotations
 
@@ -44,6 +53,14 @@ LU_SHIFT = np.array([0.0, 0.5, -0.5, np.nan, 0.0])  # hours later; nightlife fro
 LU_WEEKEND = np.array([np.nan, 1.15, 0.8, 1.3, 1.5])  # business from the parameter
 EVENT_LEVEL = {"call": 0.7, "sms": 1.2, "net": 1.8}  # activity of an event crowd, per person
 EVENT_TYPES = ("stadium", "concert", "fair")
+# event_attendance > 0: attendance of each kind relative to the parameter (a stadium match fills
+# the stadium, a fair day draws about half of that, a concert a fifth)
+EVENT_ATTENDANCE = {"stadium": 1.0, "concert": 0.2, "fair": 0.5}
+# local patron-saint holidays (MM-DD), the choices of the ``local_holiday`` parameter
+LOCAL_HOLIDAYS = {"none": (), "milano": ("12-07",), "torino": ("06-24",), "roma": ("06-29",),
+                  "trento": ("06-26",), "bologna": ("10-04",), "napoli": ("09-19",)}
+# centre (local hour) and width (hours) of the night window of call_night_depth / sms_night_depth
+NIGHT_CENTRE_H, NIGHT_WIDTH_H = 3.5, 2.5
 
 
 @dataclasses.dataclass
@@ -55,20 +72,34 @@ class Calendar:
     daytype: np.ndarray    # int, 0 working day, 1 Saturday, 2 Sunday or public holiday
     xmas: np.ndarray       # bool, Dec 24 .. Jan 6
     to_newyear_h: np.ndarray  # float, hours from the nearest Jan 1 00:00 local (signed)
+    bridge: np.ndarray | None = None  # bool, working day between two non-working days ("ponte")
 
 
-def local_calendar(timestamps: np.ndarray, step: int, timezone: str = "Europe/Rome") -> Calendar:
+def local_calendar(timestamps: np.ndarray, step: int, timezone: str = "Europe/Rome",
+                   local_holidays: tuple[str, ...] = ()) -> Calendar:
+    """``local_holidays``: extra holidays as "MM-DD" (a city's patron saint), counted as Sundays."""
     mid = pd.to_datetime(timestamps + step // 2, unit="s", utc=True).tz_convert(timezone)
     hour = np.asarray(mid.hour + mid.minute / 60 + mid.second / 3600, dtype=np.float64)
     dates = mid.date
     ordinal = np.array([d.toordinal() for d in dates])
     day = ordinal - ordinal[0]
     hol: set[dt.date] = set()
-    for y in range(dates[0].year, dates[-1].year + 1):
+    for y in range(dates[0].year - 1, dates[-1].year + 2):  # neighbours of the first/last day too
         hol |= italian_holidays(y)
+        for md in local_holidays:
+            hol.add(dt.date(y, int(md[:2]), int(md[3:5])))
     dow = np.asarray(mid.day_of_week)
     is_hol = np.array([d in hol for d in dates])
     daytype = np.where(is_hol | (dow == 6), 2, np.where(dow == 5, 1, 0))
+    # bridge days: a working day whose day before and day after are both off (Saturday, Sunday or
+    # holiday), e.g. Friday after a Thursday holiday; one check per distinct day
+    uniq, inv = np.unique(ordinal, return_inverse=True)
+
+    def off(o: int) -> bool:
+        d = dt.date.fromordinal(int(o))
+        return d.weekday() >= 5 or d in hol
+    bridge_day = np.array([not off(o) and off(o - 1) and off(o + 1) for o in uniq])
+    bridge = bridge_day[inv]
     month, dom = np.asarray(mid.month), np.asarray(mid.day)
     xmas = ((month == 12) & (dom >= 24)) | ((month == 1) & (dom <= 6))
     # hours to the nearest local New Year midnight
@@ -79,7 +110,7 @@ def local_calendar(timestamps: np.ndarray, step: int, timezone: str = "Europe/Ro
     to_next = np.asarray((local_naive - ny_next).total_seconds()) / 3600
     to_this = np.asarray((local_naive - ny_this).total_seconds()) / 3600
     to_ny = np.where(np.abs(to_next) < np.abs(to_this), to_next, to_this)
-    return Calendar(hour, day, daytype, xmas, to_ny)
+    return Calendar(hour, day, daytype, xmas, to_ny, bridge)
 
 
 def daily_profile(hour: np.ndarray, amps, phases, amp_scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
@@ -91,6 +122,13 @@ def daily_profile(hour: np.ndarray, amps, phases, amp_scale: float = 1.0, shift:
         return np.exp(z)
     norm = raw(np.linspace(0, 24, 288, endpoint=False)).mean()
     return raw(np.asarray(hour, dtype=np.float64)) / norm
+
+
+def night_factor(hour: np.ndarray, depth: float) -> np.ndarray:
+    """Deep night trough: (1 - depth) ** w(h), w a Gaussian window (1 at NIGHT_CENTRE_H, circular,
+    width NIGHT_WIDTH_H hours). Not normalized (time_basis renormalizes profile x factor)."""
+    dist = np.abs((np.asarray(hour, dtype=np.float64) - NIGHT_CENTRE_H + 12) % 24 - 12)
+    return np.exp(np.log1p(-depth) * np.exp(-0.5 * (dist / NIGHT_WIDTH_H) ** 2))
 
 
 def presence(hour: np.ndarray, p: dict) -> np.ndarray:
@@ -114,13 +152,23 @@ def time_basis(cal: Calendar, service: str, p: dict, rng: np.random.Generator) -
     xm = p["xmas_factor"]
     xmas_lu = np.array([xm, 1.05, (1 + xm) / 2, 1.1, 1.0])
     g = np.empty((len(cal.hour), len(LANDUSE)))
+    depth = float(p.get(f"{service}_night_depth", 0.0))
+    if depth > 0:  # night is night whatever the day type: local hour, not the weekend-shifted one
+        night = night_factor(cal.hour, depth)
+        day_h = np.linspace(0, 24, 288, endpoint=False)
+        night_day = night_factor(day_h, depth)
     for c in range(len(LANDUSE)):
         prof = daily_profile(hour_eff, amps, phases, LU_AMP[c], shifts[c])
+        if depth > 0:  # deeper night, same daily mean of the (working-day) profile
+            prof = prof * night / (daily_profile(day_h, amps, phases, LU_AMP[c], shifts[c]) * night_day).mean()
         g[:, c] = (LU_LEVEL[s, c] * prof * day_factor * np.where(working, 1.0, wk_lu[c])
                    * np.where(cal.xmas, xmas_lu[c], 1.0))
     # New Year's Eve: greetings at midnight (calls and SMS, a little Net)
     boost = (p["newyear_boost"] - 1) * (1.0 if service != "net" else 0.2)
     g *= (1 + boost * np.exp(-0.5 * (cal.to_newyear_h / 0.5) ** 2))[:, None]
+    bridge = float(p.get("bridge_factor", 1.0))
+    if bridge != 1.0 and cal.bridge is not None:
+        g *= np.where(cal.bridge, bridge, 1.0)[:, None]
     # slow trend and day-to-day level (weather, news): AR(1) in log over days, phi = 0.7
     n_days = int(cal.day.max()) + 1
     sig = p["daily_level_sigma"]
@@ -131,8 +179,13 @@ def time_basis(cal: Calendar, service: str, p: dict, rng: np.random.Generator) -
         level[d] = 0.7 * level[d - 1] + eps[d]
     t_days = cal.day + cal.hour / 24
     g *= (np.exp(level[cal.day]) * np.maximum(1 + p["trend_per_month"] * t_days / 30, 0.05))[:, None]
-    k = p["commuter_share"] * presence(cal.hour, p) * np.where(working, 1.0, p["weekend_commute"])
-    return np.concatenate([g * (1 - k)[:, None], g * k[:, None]], axis=1)
+    pres = presence(cal.hour, p)
+    k = p["commuter_share"] * pres * np.where(working, 1.0, p["weekend_commute"])
+    # people from outside the grid at their day location on working days: they add to the day
+    # columns (placed by the day destinations) and are not taken from the residents
+    inflow = float(p.get("inflow_share", 0.0))
+    k_day = k + inflow * pres * working if inflow > 0 else k
+    return np.concatenate([g * (1 - k)[:, None], g * k_day[:, None]], axis=1)
 
 
 def spatial_loadings(city: City, p: dict) -> np.ndarray:
@@ -168,9 +221,13 @@ def draw_events(city: City, cal: Calendar, step: int, p: dict, rng: np.random.Ge
         else:
             cell, start_h, dur_h, days = venues["fair"], 9.0, 9.0, int(rng.integers(1, 5))
         day0 = int(rng.integers(0, max(1, n_days - days + 1)))
-        size = p["event_size"] * (0.5 if kind == "fair" else 1.0) * rng.uniform(0.5, 1.5)
-        events.append({"type": kind, "row": cell // W, "col": cell % W, "day": day0, "days": days,
-                       "start_h": round(float(start_h), 2), "hours": dur_h, "size": round(float(size), 3)})
+        u = rng.uniform(0.5, 1.5)
+        size = p["event_size"] * (0.5 if kind == "fair" else 1.0) * u
+        ev = {"type": kind, "row": cell // W, "col": cell % W, "day": day0, "days": days,
+              "start_h": round(float(start_h), 2), "hours": dur_h, "size": round(float(size), 3)}
+        if p.get("event_attendance", 0.0) > 0:  # absolute crowd: people, not a share of the square's
+            ev["attendance"] = round(float(p["event_attendance"] * EVENT_ATTENDANCE[kind] * u))
+        events.append(ev)
     return events
 
 
@@ -191,7 +248,7 @@ def add_events(lam: np.ndarray, service: str, events: list[dict], city: City, ca
         rr, cc = np.meshgrid(np.arange(H)[rs], np.arange(W)[cs], indexing="ij")
         blob = np.exp(-0.5 * ((rr - r0) ** 2 + (cc - c0) ** 2) / max(rad_cells, 0.3) ** 2)
         blob /= blob.sum()
-        crowd = ev["size"] * people[r0, c0]
+        crowd = ev["attendance"] * p["market_share"] if "attendance" in ev else ev["size"] * people[r0, c0]
         shape = np.zeros(len(t_abs))
         for d in range(ev["days"]):
             t0 = ev["day"] + d + ev["start_h"] / 24
@@ -262,6 +319,52 @@ def draw_bursts(T: int, N: int, step: int, p: dict, rng: np.random.Generator) ->
             continue
         np.add.at(mult, (t[ok], cell[ok]), (height[ok] * overlap[ok]).astype(np.float32))
     return mult
+
+
+def draw_square_shape(cal: Calendar, N: int, p: dict, seq: np.random.SeedSequence) -> np.ndarray | None:
+    """(T, N) float32 per-square multiplier of the daily shape and off-day level, or None when
+    ``square_shape_sigma`` and ``square_offday_sigma`` are 0.
+
+    Square i gets its own 24 h and 12 h log-harmonics, exp(x_i cos(2 pi h/24) + y_i sin(2 pi h/24)
+    + u_i cos(4 pi h/24) + v_i sin(4 pi h/24)) with x, y ~ N(0, sigma), u, v ~ N(0, sigma / 2)
+    (a random amplitude and peak hour per square), renormalized to a daily mean of 1, and on
+    non-working days a log-normal factor exp(s z_i - s^2/2), s = ``square_offday_sigma``. The log
+    of the multiplier is one (T, 6) @ (6, N) product. It is applied per square after attribution
+    (attribution would average it away across the squares a sector covers) and shared by every
+    service of the square. What it is for: the real Milano block's squares peak at hours from
+    0 to 21 and their profiles correlate with the block's at a median 0.90 (simulated without
+    it: peaks 10-20 h, correlation 0.97-0.997); their off-day ratios spread twice as much.
+    """
+    sig, off_sig = float(p.get("square_shape_sigma", 0.0)), float(p.get("square_offday_sigma", 0.0))
+    if sig <= 0 and off_sig <= 0:
+        return None
+    # two child streams: the shape draws do not depend on whether the off-day texture is on
+    shape_rng, off_rng = (np.random.default_rng(c) for c in seq.spawn(2))
+    coef = shape_rng.standard_normal((4, N)) * (sig * np.array([1.0, 1.0, 0.5, 0.5]))[:, None]
+    grid_h = np.linspace(0, 24, 96, endpoint=False)
+
+    def harm(h):
+        a = 2 * np.pi * np.asarray(h, dtype=np.float64) / 24
+        return np.stack([np.cos(a), np.sin(a), np.cos(2 * a), np.sin(2 * a)], axis=1)
+    log_norm = np.log(np.exp(harm(grid_h) @ coef).mean(0))               # (N,) daily mean
+    z = off_rng.standard_normal(N) * off_sig - 0.5 * off_sig**2
+    off = (cal.daytype != 0).astype(np.float64)
+    basis = np.concatenate([harm(cal.hour), -np.ones((len(cal.hour), 1)), off[:, None]], axis=1)
+    loads = np.concatenate([coef, log_norm[None, :], z[None, :]], axis=0)
+    out = basis.astype(np.float32) @ loads.astype(np.float32)
+    return np.exp(out, out=out)
+
+
+def draw_service_mix(N: int, p: dict, rng: np.random.Generator) -> np.ndarray | None:
+    """(N,) float32 per-square level factor of one service (log-normal, mean 1), or None when
+    ``square_mix_sigma`` is 0. Drawn independently per service (one stream each): the service
+    mix differs by square (land use the land-use classes do not capture: offices with many calls,
+    a campus with much Net). Real Milano block: Net/Call ratio of square means spans 6.5x over
+    25 squares (simulated without it: 1.7-1.8x)."""
+    sig = float(p.get("square_mix_sigma", 0.0))
+    if sig <= 0:
+        return None
+    return np.exp(rng.standard_normal(N) * sig - 0.5 * sig**2).astype(np.float32)
 
 
 def demand(city: City, cal: Calendar, service: str, step: int, p: dict, events: list[dict],

@@ -132,12 +132,32 @@ _SPECS += [
     _f("burst_minutes", 1.0, 360, "mean duration of a burst in minutes (exponential)"),
     _f("burst_scale", 0.0, 50, "size of a burst: extra activity as a share of the square's, times a Lomax variable"),
     _f("burst_alpha", 1.05, 20, "tail index of the burst size (low = heavier tail)"),
+    # demand realism pieces (issue 13; neutral values in the presets turn them off)
+    _f("square_shape_sigma", 0.0, 2.0, "per-square daily shape: std of each square's own 24 h log-harmonic "
+       "coefficients (12 h: half), applied after attribution (0 = none; demand.draw_square_shape)"),
+    _f("square_offday_sigma", 0.0, 1.0, "per-square off-day texture: log-normal sigma of each square's "
+       "non-working-day factor, applied after attribution (0 = none)"),
+    _f("call_night_depth", 0.0, 0.99, "Call: depth of the night trough around 03:30, 1 - factor at its "
+       "bottom (0 = none; the daily mean is kept)"),
+    _f("sms_night_depth", 0.0, 0.99, "SMS: depth of the night trough around 03:30 (0 = none)"),
+    _f("square_mix_sigma", 0.0, 2.0, "per-square service mix: log-normal sigma of a per-square, "
+       "per-service level factor applied after attribution (0 = none)"),
+    _f("inflow_share", 0.0, 3.0, "people from outside the grid at their day location on working days, "
+       "as a share of the grid's residents (0 = none)"),
+    _f("bridge_factor", 0.3, 1.5, "activity on a bridge day (a working day between two non-working "
+       "days, 'ponte'), relative (1 = none)"),
+    _c("local_holiday", ("none", "milano", "torino", "roma", "trento", "bologna", "napoli"),
+       "the city's patron-saint holiday, counted as a Sunday (milano: Dec 7; none = national holidays only)"),
+    _f("event_attendance", 0.0, 200000, "people at a stadium event (fair: half, concert: a fifth); "
+       "0 = the crowd is event_size times the venue square's people"),
     # measurement
     _c("count_noise", ("poisson", "negbin"), "noise of Call and SMS counts"),
     _f("negbin_k", 0.1, 1000, "negative-binomial dispersion k (variance = mu + mu^2/k)", log=True),
     _f("net_noise_sigma", 0.0, 2.0, "Net volume noise: log-scale of the Student-t multiplier at a 10-minute step "
        "(times sqrt(600 s / step) at other steps)"),
     _f("net_noise_df", 1.0, 100, "Net volume noise: degrees of freedom (low = heavy tail)"),
+    _f("net_record_share", 0.0, 1.0, "Net output counts records: this share follows the unclipped demand "
+       "(sessions), the rest the capacity-clipped volume (0 = volume only)"),
     _f("missing_rate", 0.0, 0.5, "share of (time, square) entries missing at random"),
     _f("gap_rate", 0.0, 0.5, "share of time steps missing for the whole grid (collection gaps)"),
     _f("outage_per_sector_week", 0.0, 5.0, "sector outages per sector per week (masked squares)"),

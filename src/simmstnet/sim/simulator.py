@@ -40,8 +40,9 @@ MAX_CELLS = 1_000_000
 # mask bool per service): demand, carried traffic, noise and mask temporaries. Measured at
 # ~50 bytes per step x square for three services (rows 100-200, 10-20 days), output included.
 _WORK_BYTES = 40
-# Burst multiplier (demand.draw_bursts), when bursts are on: one float32 per step x square.
-_BURST_BYTES = 4
+# Burst multiplier (demand.draw_bursts) and per-square shape multiplier (demand.draw_square_shape),
+# when they are on: one float32 per step x square each.
+_BURST_BYTES = 8
 # simulate / simulate_to_path warn (CapacityWarning) when sector capacity clips more than this
 # share of a scenario's Net demand. The presets congest on purpose (random: up to ~20 % in one
 # city in ten); beyond a quarter the Net series is mostly the capacity, not the demand.
@@ -85,8 +86,12 @@ def _check_shape(rows: int, cols: int, days: float, step: int, services: Sequenc
 
 def _service_channel(service: str, city, cal, radio, step: int, p: dict, events: list,
                      demand_seq: np.random.SeedSequence, noise_seq: np.random.SeedSequence,
-                     bursts: np.ndarray | None = None):
-    """What the operator books for one service: (T, N) float32 in output units, congestion info."""
+                     bursts: np.ndarray | None = None, square_shape: np.ndarray | None = None,
+                     mix: np.ndarray | None = None):
+    """What the operator books for one service: (T, N) float32 in output units, congestion info.
+
+    ``square_shape`` (T, N) and ``mix`` (N,): per-square multipliers applied after attribution
+    and before the per-square noise (demand.draw_square_shape, demand.draw_service_mix)."""
     lam = dm.demand(city, cal, service, step, p, events, np.random.default_rng(demand_seq))
     if bursts is not None:
         lam *= bursts
@@ -99,12 +104,22 @@ def _service_channel(service: str, city, cal, radio, step: int, p: dict, events:
         # sector covers (neighbour correlation); a smaller part is per square.
         sigma = p["net_noise_sigma"] * float(np.sqrt(600 / step))
         carried = ms.volume_noise(carried, sigma, p["net_noise_df"], rng)
-        booked = ms.volume_noise(ms.attribute(carried, radio), 0.8 * sigma, p["net_noise_df"], rng)
+        booked = ms.volume_noise(_per_square(ms.attribute(carried, radio), square_shape, mix),
+                                 0.8 * sigma, p["net_noise_df"], rng)
     else:
-        booked = ms.count_noise(ms.attribute(carried, radio), p["count_noise"], p["negbin_k"], rng)
+        booked = ms.count_noise(_per_square(ms.attribute(carried, radio), square_shape, mix),
+                                p["count_noise"], p["negbin_k"], rng)
     del carried
     booked *= np.float32(p[f"scale_{service}"])
     return booked, cong
+
+
+def _per_square(x: np.ndarray, square_shape: np.ndarray | None, mix: np.ndarray | None) -> np.ndarray:
+    if square_shape is not None:
+        x *= square_shape
+    if mix is not None:
+        x *= mix[None, :]
+    return x
 
 
 def simulate_scenario(space: ParamSpace, rows: int, cols: int, days: float = 30, step: int = 3600,
@@ -125,7 +140,7 @@ def simulate_scenario(space: ParamSpace, rows: int, cols: int, days: float = 30,
     radio = build_radio(city, sites, p, rng_radio)
 
     timestamps = t_start + step * np.arange(T, dtype=np.int64)
-    cal = dm.local_calendar(timestamps, step, TIMEZONE)
+    cal = dm.local_calendar(timestamps, step, TIMEZONE, dm.LOCAL_HOLIDAYS[p.get("local_holiday", "none")])
     # one stream per service, so asking for fewer services does not change the others
     ev_seq, *demand_seqs = ss_demand.spawn(4)
     mask_seq, *noise_seqs = ss_noise.spawn(4)
@@ -135,12 +150,19 @@ def simulate_scenario(space: ParamSpace, rows: int, cols: int, days: float = 30,
     observed, mask_info = ms.draw_mask(T, rows * cols, radio, step, p, np.random.default_rng(mask_seq))
     # bursts have their own stream (the root's 6th child): turning them on changes nothing else
     bursts = dm.draw_bursts(T, rows * cols, step, p, np.random.default_rng(root.spawn(1)[0]))
+    # the per-square realism pieces: the root's 7th child, split into the shape stream and one
+    # service-mix stream per service (each piece on or off leaves every other draw alone)
+    shape_seq, *mix_seqs = root.spawn(1)[0].spawn(4)
+    square_shape = dm.draw_square_shape(cal, rows * cols, p, shape_seq)
+    mixes = {s: dm.draw_service_mix(rows * cols, p, np.random.default_rng(q))
+             for s, q in zip(dm.SERVICES3, mix_seqs)}
 
     values = np.zeros((T, rows * cols, len(services)), dtype=np.float32)
     derived: dict = dict(radio.info, **mask_info)
     for ci, service in enumerate(services):
         booked, cong = _service_channel(service, city, cal, radio, step, p, events,
-                                        demand_streams[service], noise_streams[service], bursts)
+                                        demand_streams[service], noise_streams[service], bursts,
+                                        square_shape, mixes[service])
         derived.update({f"net_{k}": v for k, v in cong.items()})
         values[:, :, ci] = np.where(observed, booked, 0.0)
         del booked

@@ -100,7 +100,8 @@ def part_block(args) -> None:
     t0 = time.perf_counter()
     res = cb.calibrate(real, preset="milano-like", days=args.fit_days, population=args.population,
                        generations=args.generations, max_minutes=args.max_minutes, workers=args.workers,
-                       seed=args.seed, db=out / "abc.db", log=lambda m: print(m, file=sys.stderr, flush=True))
+                       seed=args.seed, db=out / "abc.db", log=lambda m: print(m, file=sys.stderr, flush=True),
+                       method=args.method, simulations=args.simulations)
     wall = time.perf_counter() - t0
     check = cb.predictive_check(res, draws=args.draws, seed=args.seed, holdout=hold)
     cb.write_outputs(res, out / "calibration", check)
@@ -126,9 +127,11 @@ def part_block(args) -> None:
     ref = realism.compare(real.resample(3600), [real.resample(3600)], seed=args.seed)["services"]["net"]
     ref10 = realism.compare(real, [real], seed=args.seed)["services"]["net"]
     lines = [f"# Calibration on the shared Milano block: first {args.fit_days} days fitted, {hold_days:g} held out", "",
-             f"ABC-SMC (pyabc), {args.workers} worker processes: {res.generations} generations, {res.simulations} "
-             f"simulations, **{wall:.0f} s** wall (+ {t_check:.0f} s posterior-predictive check); population "
-             f"{args.population}, {len(res.priors)} parameters, {len(res.observed)} statistics.", "",
+             f"Method {res.method} ({'pyabc ABC-SMC' if res.method == 'abc' else 'sbi NPE'}), {args.workers} worker "
+             f"processes: {res.generations} generation(s), {res.simulations} simulations, **{wall:.0f} s** wall "
+             f"(+ {t_check:.0f} s posterior-predictive check); population / posterior samples {args.population}, "
+             f"{len(res.priors)} parameters, {len(res.observed)} statistics; effective sample size "
+             f"{cb._ess(res.weights):.0f}.", "",
              f"Held-out MMD^2 of day windows ({args.draws} simulations per family) against the {hold_days:g} held-out "
              f"days; for scale, the real block's own first-half vs second-half MMD^2 over its 21 days: "
              f"**{ref['mmd2_real_halves']:.4f} hourly**, {ref10['mmd2_real_halves']:.4f} at 10 min.", "",
@@ -178,6 +181,7 @@ def part_scarce(args) -> None:
             t0 = time.perf_counter()
             res = cb.calibrate(kept, preset="milano-like", population=args.population, generations=args.generations,
                                max_minutes=args.max_minutes, workers=args.workers, seed=args.seed,
+                               method=args.method, simulations=args.simulations,
                                db=out / f"abc-d{d}.db", log=lambda m: print(m, file=sys.stderr, flush=True))
             print(f"D={d}: calibrated on {kept.shape[0]} hourly steps in {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr)
@@ -221,6 +225,8 @@ def main() -> None:
     ap.add_argument("--days", default="3", help="scarce: data.train_days values")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--modes", default="off,mix,bilevel")
+    ap.add_argument("--method", choices=("abc", "npe"), default="abc")
+    ap.add_argument("--simulations", type=int, default=6000, help="npe: simulations from the prior")
     ap.add_argument("--population", type=int, default=300)
     ap.add_argument("--generations", type=int, default=10)
     ap.add_argument("--max-minutes", type=float, default=12.0)

@@ -138,11 +138,12 @@ def _target(seed: int, days: float = 6, nuisance: dict | None = NUISANCE) -> Tra
 
 def _calibrate(real, **kw):
     base = dict(preset="milano-like", params=list(TRUE), widen=1.0, population=40, generations=3,
-                workers=1, seed=0, max_minutes=5, config=NUISANCE)
+                workers=1, seed=0, max_minutes=5, config=NUISANCE, method="abc")
     base.update(kw)
     return cb.calibrate(real, **base)
 
 
+@pytest.mark.slow
 def test_calibration_recovers_known_parameters(tmp_path):
     res = _calibrate(_target(1), generations=5, db=tmp_path / "abc.db")
     table = {r["name"]: r for r in cb.posterior_table(res)}
@@ -155,6 +156,28 @@ def test_calibration_recovers_known_parameters(tmp_path):
     assert np.isclose(res.weights.sum(), 1.0)
 
 
+def test_npe_recovers_known_parameters_with_few_simulations():
+    res = _calibrate(_target(1), method="npe", simulations=300, population=300)
+    assert res.method == "npe" and res.simulations >= 290 and len(res.weights) == 300
+    table = {r["name"]: r for r in cb.posterior_table(res)}
+    for name, true in TRUE.items():
+        assert table[name]["q05"] <= true <= table[name]["q95"], (name, table[name])
+    assert table["net_phase1"]["width_share"] < 0.4
+    # posterior samples stay inside the prior's support
+    for p in res.priors:
+        lo, hi = p.bounds_internal()
+        assert lo <= res.particles[p.name].min() and res.particles[p.name].max() <= hi
+
+
+def test_npe_runs_on_a_dask_cluster():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        res = _calibrate(_target(3, days=4), method="npe", simulations=120, population=50,
+                         dask=cluster.scheduler_address)
+    assert res.method == "npe" and res.simulations >= 100 and len(res.weights) == 50
+
+
 # Four parameters, every other one left random (the posterior is marginal over them).
 TRUE4 = {"net_phase1": 14.2, "net_amp1": 0.45, "net_amp2": 0.15, "net_sunday": 0.8}
 
@@ -162,7 +185,7 @@ TRUE4 = {"net_phase1": 14.2, "net_amp1": 0.45, "net_amp2": 0.15, "net_sunday": 0
 @pytest.mark.slow
 def test_calibration_recovery_over_ten_trials():
     """Issue 13: each identifiable parameter's true value lies inside its 90 % interval in most of
-    10 trials (10 target cities, other parameters random)."""
+    10 trials (10 target cities, other parameters random), with the default method (NPE)."""
     hits = {k: 0 for k in TRUE4}
     identified = {k: 0 for k in TRUE4}
     for trial in range(10):
@@ -170,7 +193,8 @@ def test_calibration_recovery_over_ten_trials():
             warnings.simplefilter("ignore", CapacityWarning)
             real = simulate("milano-like", 4, 4, days=7, step="1h", seed=200 + trial, services=("net",),
                             config=TRUE4, start="2013-11-07")[0]
-        res = _calibrate(real, params=list(TRUE4), seed=trial, population=60, generations=5, config=None)
+        res = _calibrate(real, params=list(TRUE4), seed=trial, method="npe", simulations=600, population=500,
+                         config=None)
         for r in cb.posterior_table(res):
             hits[r["name"]] += r["q05"] <= TRUE4[r["name"]] <= r["q95"]
             identified[r["name"]] += r["identified"]
@@ -205,6 +229,7 @@ def test_predictive_check_and_outputs_feed_simulate(tmp_path):
     assert "| `net_phase1` |" in report and "Held-out days" in report
 
 
+@pytest.mark.slow
 def test_calibration_runs_on_a_dask_cluster(tmp_path):
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
@@ -236,7 +261,7 @@ def test_cli_calibrate_then_simulate(tmp_path, capsys):
     real.save(tmp_path / "real.npz")
     out = tmp_path / "cal"
     code = main(["calibrate", "--real", str(tmp_path / "real.npz"), "--out", str(out), "--days", "4",
-                 "--params", "net_phase1,net_amp1", "--population", "20", "--generations", "2",
+                 "--params", "net_phase1,net_amp1", "--simulations", "150", "--population", "50",
                  "--workers", "1", "--ppc", "3"])
     assert code == 0
     text = capsys.readouterr().out
@@ -248,6 +273,10 @@ def test_cli_calibrate_then_simulate(tmp_path, capsys):
                  "--days", "9", "--workers", "1"])
     assert code == 2
     assert "holds 5 days" in capsys.readouterr().err
+    code = main(["calibrate", "--real", str(tmp_path / "real.npz"), "--out", str(tmp_path / "c3"),
+                 "--simulations", "50"])
+    assert code == 2
+    assert "--simulations must be a whole number >= 100, got 50" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bursts, capacity

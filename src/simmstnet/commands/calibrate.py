@@ -9,9 +9,9 @@ from simmstnet.errors import UserError
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "calibrate", help="fit the simulator's parameters to a real grid (ABC-SMC)",
+        "calibrate", help="fit the simulator's parameters to a real grid (simulation-based inference)",
         description="Infer the simulator's parameter posterior for a real city by simulation-based "
-                    "inference (pyabc ABC-SMC) on scale-free summary statistics of its first days. "
+                    "inference (sbi neural posterior estimation or pyabc ABC-SMC) on scale-free summary statistics of its first days. "
                     "Writes params.yaml (read by `simmstnet simulate --config`), report.md/json "
                     "(posterior per parameter, posterior-predictive check per statistic, held-out "
                     "check on the days after the fitted ones), posterior.csv and abc.db.")
@@ -22,16 +22,22 @@ def register(sub) -> None:
     p.add_argument("--days", type=float, default=None,
                    help="fit on the first DAYS days only (default: all); later days are the held-out check")
     p.add_argument("--params", default=None,
-                   help="comma-separated parameters to fit (default: the ones the statistics can see "
-                        "for the grid's services; see docs/simulator.md)")
+                   help="comma-separated parameters to fit, or `full` for the larger set (default: a "
+                        "compact set for the grid's services; see docs/calibration.md)")
     p.add_argument("--widen", type=float, default=0.5,
                    help="prior = preset range widened by WIDEN x its width on each side (default 0.5)")
-    p.add_argument("--population", type=int, default=200, help="particles per generation (default 200)")
-    p.add_argument("--generations", type=int, default=8, help="at most this many generations (default 8)")
+    p.add_argument("--method", choices=("abc", "npe"), default=None,
+                   help="abc: pyabc ABC-SMC; npe: sbi neural posterior estimation (default: "
+                        "simmstnet.sim.calibrate.DEFAULT_METHOD; docs/calibration.md says why)")
+    p.add_argument("--simulations", type=int, default=6000,
+                   help="npe: simulations from the prior to train on (default 6000)")
+    p.add_argument("--population", type=int, default=200,
+                   help="abc: particles per generation; npe: posterior samples kept (default 200)")
+    p.add_argument("--generations", type=int, default=8, help="abc: at most this many generations (default 8)")
     p.add_argument("--max-minutes", type=float, default=12.0,
                    help="stop sampling after this many minutes (default 12)")
     p.add_argument("--min-acceptance", type=float, default=0.02,
-                   help="stop when a generation accepts fewer than this share (default 0.02)")
+                   help="abc: stop when a generation accepts fewer than this share (default 0.02)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel simulation processes (default: every core)")
     p.add_argument("--dask", default=None, metavar="ADDRESS",
@@ -45,7 +51,7 @@ def run_calibrate(args) -> int:
     from pathlib import Path
 
     from simmstnet.data.grid import TrafficGrid
-    from simmstnet.sim.calibrate import calibrate, predictive_check, write_outputs
+    from simmstnet.sim.calibrate import DEFAULT_METHOD, calibrate, predictive_check, write_outputs
     from simmstnet.utils import check_output_folder
 
     if args.seed < 0:
@@ -67,7 +73,8 @@ def run_calibrate(args) -> int:
     res = calibrate(real, preset=args.preset, days=args.days, params=params, widen=args.widen,
                     population=args.population, generations=args.generations,
                     max_minutes=args.max_minutes, min_acceptance=args.min_acceptance, workers=workers,
-                    dask=args.dask, seed=args.seed, db=out / "abc.db", config=args.config, log=log)
+                    dask=args.dask, seed=args.seed, db=out / "abc.db", config=args.config, log=log,
+                    method=args.method or DEFAULT_METHOD, simulations=args.simulations)
     holdout = None
     per_day = 86400 // real.step
     if args.days is not None and int(round(args.days * per_day)) < real.shape[0]:

@@ -367,17 +367,23 @@ def _wquantile(x: np.ndarray, w: np.ndarray, q: Sequence[float]) -> np.ndarray:
     return np.interp(q, cw, x)
 
 
+def _dask_client(address: str):
+    """A distributed.Client on ``address``; UserError when the scheduler cannot be reached."""
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=DASK_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise UserError(f"--dask {address}: cannot reach the Dask scheduler ({exc})") from None
+
+
 def _sampler(workers: int, dask: str | None):
     from pyabc.sampler import MulticoreEvalParallelSampler, SingleCoreSampler
 
     if dask:
-        from distributed import Client
         from pyabc.sampler import DaskDistributedSampler
 
-        try:
-            client = Client(dask, timeout=DASK_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise UserError(f"--dask {dask}: cannot reach the Dask scheduler ({exc})") from None
+        client = _dask_client(dask)
         return DaskDistributedSampler(dask_client=client, batch_size=4), client
     if workers <= 1:
         return SingleCoreSampler(), None
@@ -630,12 +636,7 @@ def _calibrate_npe(model: SimModel, priors: list[Prior], observed: dict, fit: Tr
     backend = joblib.parallel_config(backend="loky")
     n_jobs = max(1, int(workers))
     if dask:
-        from distributed import Client
-
-        try:
-            client = Client(dask, timeout=DASK_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise UserError(f"--dask {dask}: cannot reach the Dask scheduler ({exc})") from None
+        client = _dask_client(dask)
         backend = joblib.parallel_config(backend="dask")
         n_jobs = max(2, sum(client.nthreads().values()))
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ def register(sub) -> None:
                     "inference (sbi neural posterior estimation or pyabc ABC-SMC) on scale-free summary statistics of its first days. "
                     "Writes params.yaml (read by `simmstnet simulate --config`), report.md/json "
                     "(posterior per parameter, posterior-predictive check per statistic, held-out "
-                    "check on the days after the fitted ones), posterior.csv and abc.db.")
+                    "check on the days after the fitted ones), posterior.csv and, with --method abc, abc.db.")
     p.add_argument("--real", required=True, help="real TrafficGrid .npz (e.g. from `simmstnet data import`)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="milano-like", help="preset the prior is built around (default milano-like)")
@@ -27,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--widen", type=float, default=0.5,
                    help="prior = preset range widened by WIDEN x its width on each side (default 0.5)")
     p.add_argument("--method", choices=("abc", "npe"), default=None,
-                   help="abc: pyabc ABC-SMC; npe: sbi neural posterior estimation (default: "
-                        "simmstnet.sim.calibrate.DEFAULT_METHOD; docs/calibration.md says why)")
+                   help="npe (default): sbi neural posterior estimation; abc: pyabc ABC-SMC "
+                        "(docs/calibration.md says why npe is the default)")
     p.add_argument("--simulations", type=int, default=6000,
                    help="npe: simulations from the prior to train on (default 6000)")
     p.add_argument("--population", type=int, default=200,

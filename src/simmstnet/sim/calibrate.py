@@ -664,6 +664,8 @@ def _calibrate_npe(model: SimModel, priors: list[Prior], observed: dict, fit: Tr
         raise UserError(f"only {int(ok.sum())} simulations with every statistic finished within --max-minutes "
                         f"{max_minutes:g}; allow more minutes")
     t_sim = time.perf_counter() - t0
+    log(f"training the posterior network on {int(ok.sum())} simulations (stops when its validation loss "
+        f"has not improved for 20 epochs)")
     inference = NPE(prior=prior, density_estimator="maf", show_progress_bars=False)
     inference.append_simulations(theta[ok], x[ok])
     import contextlib

@@ -156,8 +156,10 @@ def test_calibration_recovers_known_parameters(tmp_path):
     assert np.isclose(res.weights.sum(), 1.0)
 
 
-def test_npe_recovers_known_parameters_with_few_simulations():
+def test_npe_recovers_known_parameters_with_few_simulations(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     res = _calibrate(_target(1), method="npe", simulations=300, population=300)
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working folder (sbi-logs)
     assert res.method == "npe" and res.simulations >= 290 and len(res.weights) == 300
     table = {r["name"]: r for r in cb.posterior_table(res)}
     for name, true in TRUE.items():

@@ -614,6 +614,28 @@ class _Simulator:
         return _batch_stats(self.model, theta)
 
 
+class _NoTracker:
+    """sbi training tracker that records nothing (sbi's default writes TensorBoard logs into an
+    ``sbi-logs`` folder of the current directory)."""
+
+    log_dir = None
+
+    def log_metric(self, name, value, step=None) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_params(self, params) -> None:
+        pass
+
+    def add_figure(self, name, figure, step=None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
 def _calibrate_npe(model: SimModel, priors: list[Prior], observed: dict, fit: TrafficGrid, preset: str,
                    services: list[str], n_sims: int, n_post: int, max_minutes: float, workers: int,
                    dask: str | None, seed: int, log) -> CalibrationResult:
@@ -666,7 +688,7 @@ def _calibrate_npe(model: SimModel, priors: list[Prior], observed: dict, fit: Tr
     t_sim = time.perf_counter() - t0
     log(f"training the posterior network on {int(ok.sum())} simulations (stops when its validation loss "
         f"has not improved for 20 epochs)")
-    inference = NPE(prior=prior, density_estimator="maf", show_progress_bars=False)
+    inference = NPE(prior=prior, density_estimator="maf", show_progress_bars=False, tracker=_NoTracker())
     inference.append_simulations(theta[ok], x[ok])
     import contextlib
     import io

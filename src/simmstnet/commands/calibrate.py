@@ -51,7 +51,7 @@ def run_calibrate(args) -> int:
     from pathlib import Path
 
     from simmstnet.data.grid import TrafficGrid
-    from simmstnet.sim.calibrate import DEFAULT_METHOD, calibrate, predictive_check, write_outputs
+    from simmstnet.sim.calibrate import DEFAULT_METHOD, calibrate, predictive_check, split_days, write_outputs
     from simmstnet.utils import check_output_folder
 
     if args.seed < 0:
@@ -75,10 +75,8 @@ def run_calibrate(args) -> int:
                     max_minutes=args.max_minutes, min_acceptance=args.min_acceptance, workers=workers,
                     dask=args.dask, seed=args.seed, db=out / "abc.db", config=args.config, log=log,
                     method=args.method or DEFAULT_METHOD, simulations=args.simulations)
-    holdout = None
-    per_day = 86400 // real.step
-    if args.days is not None and int(round(args.days * per_day)) < real.shape[0]:
-        holdout = real.slice_time(int(real.timestamps[int(round(args.days * per_day))]), None)
+    _, holdout = split_days(real, args.days)
+    if holdout is not None:
         holdout = holdout.select_services(list(res.model.services))
     log(f"posterior-predictive check: {args.ppc} draws" + (" (and the held-out days)" if holdout is not None else ""))
     check = predictive_check(res, draws=args.ppc, seed=args.seed, holdout=holdout)

@@ -1,26 +1,26 @@
 """Calibration: the simulator's parameter posterior for one real city, from a few of its days.
 
-Simulation-based inference with pyabc's ABC-SMC (Toni et al. 2009; Klinger, Rickert & Hasenauer
-2018): particles are parameter sets drawn from a prior around a preset; each is simulated on the
-real grid's shape, time span and step, reduced to the scale-free summary statistics of
-:func:`summary_stats`, and kept when its distance to the real statistics is below the
-generation's threshold. The distance is pyabc's adaptive weighted Euclidean norm (each statistic
-divided by its spread over the previous generation's simulations, Prangle 2017), so statistics in
-different units weigh alike. What is not fitted stays random, drawn from the preset per
-simulation: the posterior is marginal over it.
+Simulation-based inference on the scale-free summary statistics of :func:`summary_stats`:
+parameter sets are drawn from a prior around a preset, each is simulated on the real grid's
+shape, time span and step, and the statistics of the simulations are compared with the real
+ones. Two methods (docs/calibration.md says why the first is the default, by measurement):
 
-Why pyabc and not ``sbi``'s neural posterior estimation: pyabc needs no density network to train
-(on 2 cores that training would eat the 15-minute budget), gives a weighted sample whose
-quantiles are the parameter file's ranges, and has a Dask sampler, so the same code runs on a
-cluster (``dask=ADDRESS``). Parallel runs (``workers > 1``, Dask) draw their simulation seeds from
-each worker's own entropy: they are not bit-reproducible; ``workers=1`` is, for one seed.
+- ``npe``: sbi's neural posterior estimation (one masked autoregressive flow trained on
+  simulations from the prior, sampled at the real statistics; :func:`_calibrate_npe`);
+- ``abc``: pyabc's ABC-SMC (Toni et al. 2009; Klinger, Rickert & Hasenauer 2018) with its adaptive
+  weighted Euclidean distance (Prangle 2017).
+
+What is not fitted stays random, drawn from the preset per simulation: the posterior is marginal
+over it. Simulations run on every core (joblib for npe, pyabc's multicore sampler for abc) or on a
+Dask cluster (``dask=ADDRESS``). Parallel ABC runs draw their simulation seeds from each worker's
+own entropy and are not bit-reproducible; NPE's chunks are seeded from ``seed``.
 
 Outputs (:func:`write_outputs`): ``params.yaml`` (``base: <preset>`` plus each fitted parameter
 as its posterior 5-95 % range, and the global scales that match the real levels), which
 ``simmstnet simulate --config`` reads to draw a source family around the city; ``report.md`` and
 ``report.json`` (per parameter prior, posterior and whether the data identify it; per statistic
 the real value and its posterior-predictive 90 % band; the held-out check when the grid has more
-days than were fitted); ``posterior.csv`` (the weighted particles); ``abc.db`` (pyabc's history).
+days than were fitted); ``posterior.csv`` (the weighted particles or posterior samples).
 """
 from __future__ import annotations
 
@@ -313,9 +313,11 @@ class SimModel:
                                  seed=int(seed), index=0, start=self.start if start is None else start,
                                  services=self.services, preset="calibration")
 
-    def stats_of(self, grid: TrafficGrid) -> dict[str, float]:
+    def stats_of(self, grid: TrafficGrid, missing: float = _FAR) -> dict[str, float]:
+        """The fitted statistics of ``grid``; one that cannot be computed is ``missing`` (ABC's
+        distance needs a number: _FAR; NPE leaves NaN simulations out)."""
         s = summary_stats(grid, self.services)
-        return {k: (float(s[k]) if np.isfinite(s.get(k, np.nan)) else _FAR) for k in self.stat_names}
+        return {k: (float(s[k]) if np.isfinite(s.get(k, np.nan)) else missing) for k in self.stat_names}
 
     # wall-clock deadline (time.time()) of the sampling; past it every call returns at once with
     # statistics no threshold accepts, so a generation that cannot finish in time fails fast and
@@ -401,6 +403,23 @@ def estimate_seconds(model: SimModel, reps: int = 3) -> float:
     return float(np.median(times))
 
 
+def split_days(real: TrafficGrid, days: float | None) -> tuple[TrafficGrid, TrafficGrid | None]:
+    """(the first ``days`` days, the days after them or None): what is fitted and what is held out."""
+    if real.step <= 0 or 86400 % real.step:
+        raise UserError(f"the real grid's step {format_step(real.step)} does not divide a day")
+    per_day = 86400 // real.step
+    total_days = real.shape[0] / per_day
+    if days is None:
+        return real, None
+    if not 1 <= days <= total_days:
+        raise UserError(f"--days {days:g}: the real grid holds {total_days:g} days; fit between 1 and that")
+    n_fit = int(round(days * per_day))
+    if n_fit >= real.shape[0]:
+        return real, None
+    cut = int(real.timestamps[n_fit])
+    return real.slice_time(None, cut), real.slice_time(cut, None)
+
+
 def calibrate(real: TrafficGrid, preset: str = "milano-like", days: float | None = None,
               params: Sequence[str] | None = None, widen: float = 0.5, population: int = 200,
               generations: int = 8, max_minutes: float = 12.0, min_acceptance: float = 0.02,
@@ -419,16 +438,9 @@ def calibrate(real: TrafficGrid, preset: str = "milano-like", days: float | None
         raise UserError(f"--method must be abc or npe, got {method!r}")
     if int(simulations) != simulations or simulations < 100:
         raise UserError(f"--simulations must be a whole number >= 100, got {simulations}")
-    if real.step <= 0 or 86400 % real.step:
-        raise UserError(f"the real grid's step {format_step(real.step)} does not divide a day")
+    fit, _ = split_days(real, days)
     per_day = 86400 // real.step
-    total_days = real.shape[0] / per_day
-    if days is None:
-        days = total_days
-    if not 1 <= days <= total_days:
-        raise UserError(f"--days {days:g}: the real grid holds {total_days:g} days; fit between 1 and that")
-    n_fit = int(round(days * per_day))
-    fit = real if n_fit >= real.shape[0] else real.slice_time(None, int(real.timestamps[n_fit]))
+    days = fit.shape[0] / per_day
     services = [s for s in fit.services if s in ("call", "sms", "net")]
     if not services:
         raise UserError(f"the real grid has none of the services call, sms, net (it has {', '.join(real.services)})")
@@ -457,7 +469,7 @@ def calibrate(real: TrafficGrid, preset: str = "milano-like", days: float | None
     check_memory(peak, f"calibrating on {H}x{W} squares x {fit.shape[0]} steps x {len(services)} services "
                        f"({running} simulation{'s' if running > 1 else ''} at once; fit fewer --days, a smaller "
                        f"block of squares or fewer --workers)")
-    model = SimModel(preset, priors, H, W, fit.shape[0] / per_day, fit.step, int(fit.timestamps[0]),
+    model = SimModel(preset, priors, H, W, days, fit.step, int(fit.timestamps[0]),
                      services, stat_names, config)
     per_sim = estimate_seconds(model)
     log(f"calibrating {len(priors)} parameters on {len(stat_names)} statistics of {H}x{W} squares x "
@@ -599,8 +611,8 @@ def _batch_stats(model: SimModel, theta) -> "object":
     rows = []
     for th in np.asarray(theta, dtype=float).reshape(-1, len(model.priors)):
         par = dict(zip(model.priors, th))
-        st = model.stats_of(model.simulate(par, seed=int(np.random.randint(0, 2**31 - 1))))
-        rows.append([np.nan if st[k] == _FAR else st[k] for k in model.stat_names])
+        st = model.stats_of(model.simulate(par, seed=int(np.random.randint(0, 2**31 - 1))), missing=np.nan)
+        rows.append([st[k] for k in model.stat_names])
     return torch.as_tensor(np.asarray(rows, dtype=np.float32))
 
 

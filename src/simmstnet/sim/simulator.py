@@ -42,7 +42,7 @@ MAX_CELLS = 1_000_000
 _WORK_BYTES = 40
 # Burst multiplier (demand.draw_bursts) and per-square shape multiplier (demand.draw_square_shape),
 # when they are on: one float32 per step x square each.
-_BURST_BYTES = 8
+_MULTIPLIER_BYTES = 8
 # simulate / simulate_to_path warn (CapacityWarning) when sector capacity clips more than this
 # share of a scenario's Net demand. The presets congest on purpose (random: up to ~20 % in one
 # city in ten); beyond a quarter the Net series is mostly the capacity, not the demand.
@@ -215,7 +215,7 @@ def estimate_memory(rows: int, cols: int, T: int, n_services: int, scenarios: in
     steps_cells = int(T) * int(rows) * int(cols)
     output = steps_cells * n_services * 5
     running = max(1, min(int(workers), int(scenarios)))
-    peak = running * (output + steps_cells * (_WORK_BYTES + _BURST_BYTES))
+    peak = running * (output + steps_cells * (_WORK_BYTES + _MULTIPLIER_BYTES))
     if keep:
         peak += (int(scenarios) - running) * output
     return peak, output

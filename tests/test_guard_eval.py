@@ -205,3 +205,119 @@ def test_weighting_parameter_boundaries():
         StaticLossWeighting(0)
     with pytest.raises(ValueError):
         StaticLossWeighting(2).weights(torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- eval/forecast survivors
+# Found by `make mutate MUTATE_SAMPLE=7 MODULES=src/simmstnet/eval/forecast.py` (2026-12-06).
+
+
+class HistoryModel(Recorder):
+    """A ``needs_history`` model: counts its binds and forecasts from the window start it is given."""
+
+    needs_history = True
+
+    def __init__(self, horizon):
+        super().__init__(horizon)
+        self.bound_dataset = None
+        self.binds = 0
+        self.starts: list[int] = []
+
+    def bind(self, ds):
+        self.bound_dataset = ds
+        self.binds += 1
+
+    def forward(self, batch):
+        self.starts.extend(batch["start"].tolist())
+        return super().forward(batch)
+
+
+class Wrapper(nn.Module):
+    """What DDP looks like to the evaluation code: the model under ``.module``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.module = inner
+
+    def forward(self, batch):
+        return self.module(batch)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_history_model_is_bound_once_and_gets_each_window_start(wrapped):
+    ds = _dataset()
+    inner = HistoryModel(ds.horizon)
+    model = Wrapper(inner) if wrapped else inner
+    evaluate(model, ds, batch_size=7, amp=False)
+    assert inner.binds == 1 and inner.bound_dataset is ds
+    start, _, _ = ds.window_info(np.arange(len(ds)))
+    assert inner.starts == start.tolist()
+
+
+def test_unwrap_reaches_the_wrapped_model():
+    from simmstnet.eval.forecast import _unwrap
+
+    inner = Recorder(3)
+    assert _unwrap(Wrapper(inner)) is inner and _unwrap(inner) is inner
+
+
+def test_autocast_is_bf16_on_cuda_only_when_asked():
+    import contextlib
+
+    from simmstnet.eval.forecast import autocast
+
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+        ctx = autocast(torch.device("cuda"), True)  # built, not entered: works without a GPU
+    assert isinstance(ctx, torch.autocast)
+    assert ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    assert isinstance(autocast(torch.device("cuda"), False), contextlib.nullcontext)
+    assert isinstance(autocast(torch.device("cpu"), True), contextlib.nullcontext)
+
+
+def test_evaluate_draws_no_progress_bar_unless_asked(monkeypatch):
+    import simmstnet.eval.forecast as fc
+
+    disabled = []
+    real = fc.tqdm
+
+    def spy(*args, **kw):
+        disabled.append(kw.get("disable"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fc, "tqdm", spy)
+    ds = _dataset()
+    evaluate(Recorder(ds.horizon), ds, batch_size=7, amp=False)
+    evaluate(Recorder(ds.horizon), ds, batch_size=7, amp=False, progress=True)
+    assert disabled == [True, None]  # off by default; asked for: tqdm's own choice (off when not a terminal)
+
+
+def _calibration(ds, method):
+    from simmstnet.eval.intervals import calibrate, cell_scales
+
+    scale = cell_scales(ds.grid.values, ds.grid.mask)
+    return calibrate(Recorder(ds.horizon), ds, scale, levels=(0.8,), method=method, batch_size=7, amp=False)
+
+
+@pytest.mark.parametrize("method", ["split", "aci"])
+def test_evaluate_with_intervals_keeps_the_task_losses_and_times_itself(method):
+    import time
+
+    ds = _dataset()
+    plain = evaluate(Recorder(ds.horizon), ds, batch_size=7, amp=False)
+    cal = _calibration(ds, "split")
+    t0 = time.perf_counter()
+    res = evaluate(Recorder(ds.horizon), ds, batch_size=7, amp=False, intervals=cal, interval_method=method)
+    wall = time.perf_counter() - t0
+    assert res["task_losses"] == pytest.approx(plain["task_losses"], rel=1e-9)
+    assert res["metrics"]["overall"]["mae"] == pytest.approx(plain["metrics"]["overall"]["mae"], rel=1e-12)
+    assert res["interval_method"] == method
+    assert ("aci" in res) == (method == "aci")  # adaptive conformal inference ran when asked
+    assert 0.0 < res["interval_seconds"] <= wall
+
+
+def test_cell_series_of_a_cell_without_windows_is_empty_with_the_right_shapes():
+    from simmstnet.eval.forecast import cell_series
+
+    ds = _dataset()
+    t, truth, fc = cell_series(Recorder(ds.horizon), ds, row=99, col=99, amp=False)
+    assert t.shape == (0,) and t.dtype == np.int64
+    assert truth.shape == (0, ds.n_services) and fc.shape == (0, ds.n_services)

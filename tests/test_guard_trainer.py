@@ -5,11 +5,13 @@ predictions are known in closed form, so the expected numbers are computed indep
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
 import re
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -157,10 +159,18 @@ def _brute_losses(batch):
 
 def test_training_losses_use_the_target_mask_and_drive_the_dynamic_weights(tmp_path, guard_models):
     grid = trend_grid(missing=0.3, seed=4)
-    batches = []
-    hooks = Hooks(on_batch=lambda rank, b: batches.append({k: v.clone() for k, v in b.items()}))
+    batches, ranks = [], []
+
+    def on_batch(rank, b):
+        ranks.append(rank)
+        batches.append({k: v.clone() for k, v in b.items()})
+
+    hooks = Hooks(on_batch=on_batch)
+    t0 = time.perf_counter()
     _, metrics = _run(tmp_path, "run", grid, "train.epochs=2", "train.patience=0", "train.batch_size=16",
                       "train.loss=mse", "train.loss_weighting=dynamic", "train.weighting_beta=0.7", hooks=hooks)
+    wall = time.perf_counter() - t0
+    assert set(ranks) == {0}
     per_batch = [_brute_losses(b) for b in batches]
     assert len(per_batch) >= 4
     steps = len(per_batch) // 2
@@ -179,16 +189,48 @@ def test_training_losses_use_the_target_mask_and_drive_the_dynamic_weights(tmp_p
     assert np.abs(_brute_losses(unmasked) - per_batch[0]).max() > 1e-3 * per_batch[0].max()
 
     # Replay the weighting on the same losses: the run's weights are the updated ones.
+    # The logged total training loss is the mean over the epoch's steps of the weighted sum.
     ref = DynamicLossWeighting(3, beta=0.7, tau=1.0)
     for e in range(2):
+        totals = []
         for loss in per_batch[e * steps:(e + 1) * steps]:
             w = ref.weights(torch.tensor(loss))
+            totals.append(float((w.double() * torch.tensor(loss)).sum()))
         np.testing.assert_allclose([last["history"][e][f"weight_{s}"] for s in services], w.numpy(), rtol=1e-4)
+        assert last["history"][e]["train_loss"] == pytest.approx(np.mean(totals), rel=1e-4)
+        assert last["history"][e]["steps"] == steps
     state = last["weighting"]
     assert state["steps"] == len(per_batch)
     np.testing.assert_allclose(state["ema"], ref.ema.numpy(), rtol=1e-5)
     np.testing.assert_allclose(state["start"], per_batch[0], rtol=1e-5)
     assert not np.allclose(w.numpy(), 1.0, atol=1e-3)  # weights moved away from the static ones
+
+    # Each row's validation figures and its time; the run's training time is the rows' sum.
+    rows = last["history"]
+    for row in rows:
+        assert all(isinstance(row[f"val_mae_{s}"], float) and row[f"val_mae_{s}"] > 0 for s in services)
+        assert row["val_mae"] > 0 and 0 < row["seconds"] < wall
+    assert metrics["train_seconds"] == pytest.approx(sum(r["seconds"] for r in rows), abs=0.05)
+    assert metrics["train_seconds"] < wall
+    with open(tmp_path / "run" / "history.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 2 and {"train_loss", "val_mae", "steps", "seconds", "val_mae_net", "weight_sms"} <= set(table[0])
+    assert float(table[1]["train_loss"]) == pytest.approx(rows[1]["train_loss"], rel=1e-6)
+
+
+def test_validation_reads_max_val_windows_spread_over_the_span(tmp_path, guard_models, monkeypatch):
+    import simmstnet.train.trainer as trainer_mod
+
+    asked = []
+    real = trainer_mod.evaluate
+
+    def spy(*args, **kw):
+        asked.append((kw.get("desc"), kw.get("max_windows")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer_mod, "evaluate", spy)
+    _run(tmp_path, "run", trend_grid(), "train.epochs=2", "train.patience=0", "train.max_val_windows=5")
+    assert [m for d, m in asked if d == "validate"] == [5, 5]
 
 
 # ----------------------------------------------------------------------------- resume + early stopping

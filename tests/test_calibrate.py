@@ -99,6 +99,8 @@ def test_priors_widen_the_preset_and_stay_in_bounds():
     assert (p.lo, p.hi) == pytest.approx((lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo)))
     (q,) = cb.build_priors("milano-like", ["daily_level_sigma"], widen=5.0)
     assert q.lo == SPECS["daily_level_sigma"].bounds[0]  # clipped at the hard bound
+    (n,) = cb.build_priors("milano-like", ["net_noise_sigma"], widen=0.5)
+    assert n.lo == 0.0  # widening down to 0 gives 0, not a rounding residue (6.9e-18 in the report)
     (b,) = cb.build_priors("milano-like", ["burst_per_day"], widen=0.0)  # fixed (off) in the preset
     assert (b.lo, b.hi) == cb.CALIB_RANGES["burst_per_day"]
     with pytest.raises(UserError, match="fixed"):

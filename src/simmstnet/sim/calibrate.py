@@ -274,6 +274,8 @@ def build_priors(preset: str, names: Sequence[str], widen: float, config=None) -
         else:
             w = (r.hi - r.lo) * widen
             lo, hi = max(r.lo - w, blo), min(r.hi + w, bhi)
+            # 0.1 - 0.5 * 0.2 is 6.9e-18 in floating point: a bound that cancels is 0
+            lo, hi = (0.0 if abs(v) < 1e-12 * (abs(r.lo) + abs(r.hi) + w) else v for v in (lo, hi))
         priors.append(Prior(name, float(lo), float(hi), bool(spec.log), spec.kind == "int"))
     return priors
 

@@ -122,6 +122,52 @@ def test_rows_more_than_a_day_from_the_files_date_are_refused(tmp_path, offset, 
             read_telecom_italia(tmp_path, "milano", step=600, rows=(0, 1), cols=(0, 1), services=("net",))
 
 
+def test_raw_reader_reads_in_bounded_chunks_of_whole_lines():
+    # Found by make mutate (2026-12-06): reading the whole stream at once passed every test.
+    import io
+
+    from simmstnet.data.telecom_italia import _iter_chunks
+
+    lines = [f"{i}\t1383260400000\t39\t{i}.5\t\t\t\t\t{'x' * (i % 7)}\n" for i in range(1, 60)]
+    lines[10] = "1\t" + "9" * 300 + "\n"  # one line longer than a chunk: kept whole
+    data = "".join(lines).encode()
+    chunks = list(_iter_chunks(io.BytesIO(data), "f", chunk_bytes=128))
+    assert len(chunks) > 10 and b"".join(c for c, _ in chunks) == data
+    line = 1
+    for chunk, first in chunks:
+        assert chunk.endswith(b"\n") and first == line
+        assert len(chunk) <= 128 + 300  # a chunk holds at most one read beyond the long line
+        line += chunk.count(b"\n")
+
+
+def test_raw_value_diagnosis_accepts_decimals_and_empty_activity_fields():
+    from simmstnet.data.telecom_italia import _diagnose_values
+    from simmstnet.errors import UserError
+
+    _diagnose_values(b"1\t1383260400000\t39\t1.5\t\t0.25\t\t3e2\r\n2\t1383260400000\t0\t\t\t\t\t\n", "f", 1)
+    with pytest.raises(UserError, match=r"f:2: country_code is '3\.5', expected an integer"):
+        _diagnose_values(b"1\t1383260400000\t39\t1.5\n1\t1383260400000\t3.5\t1\n", "f", 1)
+    with pytest.raises(UserError, match=r"f:1: sms_out is 'n/a', expected a number or empty"):
+        _diagnose_values(b"1\t1383260400000\t39\t1.5\tn/a\n", "f", 1)
+
+
+def test_raw_files_given_one_by_one_take_their_day_from_the_name(tmp_path):
+    import datetime as dt
+
+    from simmstnet.data.telecom_italia import _resolve_files
+
+    paths = []
+    for day in ("2013-11-02", "2013-11-01"):
+        p = tmp_path / f"sms-call-internet-mi-{day}.txt"
+        p.write_text("")
+        paths.append(p)
+    other = tmp_path / "my-export.txt"
+    other.write_text("")
+    files, folder = _resolve_files([*paths, other], "milano")
+    assert [f.day for f in files] == [dt.date(2013, 11, 2), dt.date(2013, 11, 1), None]
+    assert folder == tmp_path
+
+
 # ----------------------------------------------------------------------------- grid operations
 
 

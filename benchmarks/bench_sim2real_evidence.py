@@ -107,7 +107,12 @@ def prepare_inputs(out: Path, args) -> dict:
         g = import_wide_csv(CSV, "5x5", "net", "2013-11-01 00:00", tz="Europe/Rome", step="10min",
                             origin=(41, 41))
         g.resample(3600).save(paths["real"])
-    if not (paths["sources"] / "index.json").exists():
+    if args.sources:  # given sources (a TrafficGrid .npz or scenario folder), e.g. the oracle below
+        paths["sources"] = Path(args.sources)
+    elif args.oracle_sources:
+        paths["sources"] = data / f"oracle-real-days-before-the-{args.days}-kept.npz"
+        oracle_sources(paths["real"], paths["sources"], args)
+    elif not (paths["sources"] / "index.json").exists():
         simulate_to_path(paths["sources"], preset=args.source_preset, rows=args.rows, cols=args.cols, days=21,
                          step="1h", scenarios=args.scenarios, seed=0, start="2013-11-01", progress=True,
                          config=args.source_config)
@@ -118,6 +123,23 @@ def prepare_inputs(out: Path, args) -> dict:
         g.save(paths["sim"])
     return paths
 
+
+def oracle_sources(real_path: Path, path: Path, args) -> None:
+    """A "perfect simulator": the real block's own training-span days before the kept
+    ``data.train_days`` (never the kept, validation or test days), one .npz per D, as sources.
+    An upper bound for what sources from any simulator could give under this protocol."""
+    from simmstnet.data.grid import TrafficGrid
+    from simmstnet.data.windows import split_ranges
+
+    real = TrafficGrid.load(real_path)
+    days = [int(x) for x in str(args.days).split(",")]
+    if len(days) != 1:
+        sys.exit("--oracle-sources needs a single --days value (the sources depend on D)")
+    a = split_ranges(real, (0.6, 0.1, 0.3), 24, 6)["val"][0]
+    first_kept = a - days[0] * 86400 // real.step  # the kept days are the D days before validation
+    part = real.slice_time(None, int(real.timestamps[first_kept]))
+    part.save(path)
+    print(f"oracle sources: {part.shape[0]} real hourly steps before the {days[0]} kept days", file=sys.stderr)
 
 
 def epoch_seconds(folder: Path, skip: int) -> float | None:
@@ -180,6 +202,9 @@ def main() -> None:
     ap.add_argument("--source-preset", default="milano-like", help="simulator preset of the source scenarios")
     ap.add_argument("--source-config", default=None,
                     help="simulate --config file for the source scenarios (e.g. calibrate's params.yaml)")
+    ap.add_argument("--sources", default=None, help="use this TrafficGrid .npz or scenario folder as the sources")
+    ap.add_argument("--oracle-sources", action="store_true",
+                    help="sources = the real block's training-span days before the kept ones (an upper bound)")
     ap.add_argument("--scenarios", type=int, default=32)
     ap.add_argument("--rows", type=int, default=10)
     ap.add_argument("--cols", type=int, default=10)

@@ -359,3 +359,45 @@ def test_bilevel_real_batches_carry_time_block_fold_keys(files, tmp_path, monkey
         start = data.train.window_info(index)[0]
         assert torch.equal(key, torch.from_numpy(start // (12 + 3)))
     assert len(torch.unique(torch.cat([k for _, k in seen]))) >= 2  # at least two blocks, so two folds
+
+
+@pytest.mark.parametrize("services", [["net"], ["call", "sms", "net"]])
+def test_mix_epoch_rows_average_each_steps_task_losses_over_shuffled_sim_batches(files, tmp_path, monkeypatch,
+                                                                                 services):
+    # Found by make mutate on train/sim2real_loop.py (2026-12-06): the epoch's per-service
+    # training loss summed counts, subtracted, or multiplied by the step count, and the simulated
+    # batches could come in file order, all without a failing test.
+    from simmstnet.train.checkpoint import load_checkpoint
+    from simmstnet.train.losses import masked_sample_losses
+    from simmstnet.train.sim2real_loop import Sim2RealLoop
+
+    calls = []
+    real_sample_loss = Sim2RealLoop.sample_loss
+
+    def spy(self, pred, batch):
+        first = len(self._task_record) == 0  # the loop empties the record before each step
+        s, c = masked_sample_losses(pred.detach().float(), batch["y"], batch["y_mask"], kind=self.cfg.train.loss)
+        calls.append((first, s.sum(0).double(), c.sum(0).double(), "scenario" in batch, batch["index"].tolist()))
+        return real_sample_loss(self, pred, batch)
+
+    monkeypatch.setattr(Sim2RealLoop, "sample_loss", spy)
+    out = tmp_path / "mix"
+    multi = ["model.name=sim-mstnet", f"data.services=[{','.join(services)}]"] if len(services) > 1 else []
+    assert main(_args(files, out, "sim2real.mode=mix", "train.epochs=2", "sim2real.steps_per_epoch=4", *multi)) == 0
+    steps = []
+    for first, s, c, _, _ in calls:
+        if first:
+            steps.append([s.clone(), c.clone()])
+        else:
+            steps[-1][0] += s
+            steps[-1][1] += c
+    losses = [(s / c.clamp_min(1.0)).numpy() for s, c in steps]
+    last = load_checkpoint(out / "last.pt")
+    rows = last["history"]
+    assert [r["steps"] for r in rows] == [4, 4] and len(losses) == 8
+    for e, row in enumerate(rows):
+        want = np.mean(losses[4 * e:4 * e + 4], axis=0)
+        assert [row[f"train_loss_{s}"] for s in services] == pytest.approx(want.tolist(), rel=1e-6)
+    assert last["finished"] is True
+    sim_batches = [idx for _, _, _, is_sim, idx in calls if is_sim]
+    assert sim_batches and any(idx != sorted(idx) for idx in sim_batches)  # shuffled, not file order

@@ -401,3 +401,23 @@ def test_mix_epoch_rows_average_each_steps_task_losses_over_shuffled_sim_batches
     assert last["finished"] is True
     sim_batches = [idx for _, _, _, is_sim, idx in calls if is_sim]
     assert sim_batches and any(idx != sorted(idx) for idx in sim_batches)  # shuffled, not file order
+    real_batches = [idx for _, _, _, is_sim, idx in calls if not is_sim]
+    assert real_batches and any(idx != sorted(idx) for idx in real_batches)
+
+
+def test_telling_param_picks_the_parameter_that_tracks_the_scenario_weights():
+    import warnings
+
+    from simmstnet.train.sim2real_loop import telling_param
+
+    scenario_of = np.repeat(np.arange(4), 3)
+    weights = np.repeat([0.1, 0.4, 0.2, 0.9], 3).astype(float)
+    weights[9:] = np.nan  # scenario 3 never weighted: left out, not a NaN correlation
+    params = {"flat": [1.0, 1.0, 1.0, 1.0], "noise": [3.0, 1.0, 2.5, 0.0], "tracks": [1.0, 4.0, 2.0, -50.0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" for the unweighted scenario
+        assert telling_param(weights, scenario_of, params) == "tracks"
+        # equal weights (or no parameter varies): the first name, without a NaN correlation
+        assert telling_param(np.ones(12), scenario_of, params) == "flat"
+    assert telling_param(weights, scenario_of, {"a": [1, 1, 1, 1], "b": [2, 2, 2, 2]}) == "a"
+    assert telling_param(weights, scenario_of, None) is None

@@ -125,18 +125,24 @@ def prepare_inputs(out: Path, args) -> dict:
 
 
 def oracle_sources(real_path: Path, path: Path, args) -> None:
-    """A "perfect simulator": the real block's own training-span days before the kept
-    ``data.train_days`` (never the kept, validation or test days), one .npz per D, as sources.
-    An upper bound for what sources from any simulator could give under this protocol."""
+    """The real block's own training-span days before the kept ``data.train_days`` (never the kept,
+    validation or test days) as sources: this city's exact distribution, but only as much of it as
+    those days hold. A strong reference for what any simulator's sources could add (not a strict
+    bound: a simulator can draw more). Cut where the trainer's scaler range starts (``data_range``
+    of the ``train_days`` split, with this protocol's split and window sizes)."""
+    from simmstnet.config import load_config
     from simmstnet.data.grid import TrafficGrid
-    from simmstnet.data.windows import split_ranges
+    from simmstnet.data.windows import data_range, split_ranges
 
-    real = TrafficGrid.load(real_path)
     days = [int(x) for x in str(args.days).split(",")]
     if len(days) != 1:
         sys.exit("--oracle-sources needs a single --days value (the sources depend on D)")
-    a = split_ranges(real, (0.6, 0.1, 0.3), 24, 6)["val"][0]
-    first_kept = a - days[0] * 86400 // real.step  # the kept days are the D days before validation
+    if path.exists():
+        return
+    d = load_config(None, PROTOCOL).data
+    real = TrafficGrid.load(real_path)
+    train = split_ranges(real, d.split, d.input_len, d.horizon, train_days=days[0])["train"]
+    first_kept = data_range(train, d.input_len)[0]
     part = real.slice_time(None, int(real.timestamps[first_kept]))
     part.save(path)
     print(f"oracle sources: {part.shape[0]} real hourly steps before the {days[0]} kept days", file=sys.stderr)
@@ -204,7 +210,7 @@ def main() -> None:
                     help="simulate --config file for the source scenarios (e.g. calibrate's params.yaml)")
     ap.add_argument("--sources", default=None, help="use this TrafficGrid .npz or scenario folder as the sources")
     ap.add_argument("--oracle-sources", action="store_true",
-                    help="sources = the real block's training-span days before the kept ones (an upper bound)")
+                    help="sources = the real block's training-span days before the kept ones (a real-data reference)")
     ap.add_argument("--scenarios", type=int, default=32)
     ap.add_argument("--rows", type=int, default=10)
     ap.add_argument("--cols", type=int, default=10)

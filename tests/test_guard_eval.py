@@ -290,11 +290,11 @@ def test_evaluate_draws_no_progress_bar_unless_asked(monkeypatch):
     assert disabled == [True, None]  # off by default; asked for: tqdm's own choice (off when not a terminal)
 
 
-def _calibration(ds, method):
+def _calibration(ds):
     from simmstnet.eval.intervals import calibrate, cell_scales
 
     scale = cell_scales(ds.grid.values, ds.grid.mask)
-    return calibrate(Recorder(ds.horizon), ds, scale, levels=(0.8,), method=method, batch_size=7, amp=False)
+    return calibrate(Recorder(ds.horizon), ds, scale, levels=(0.8,), method="split", batch_size=7, amp=False)
 
 
 @pytest.mark.parametrize("method", ["split", "aci"])
@@ -303,7 +303,7 @@ def test_evaluate_with_intervals_keeps_the_task_losses_and_times_itself(method):
 
     ds = _dataset()
     plain = evaluate(Recorder(ds.horizon), ds, batch_size=7, amp=False)
-    cal = _calibration(ds, "split")
+    cal = _calibration(ds)
     t0 = time.perf_counter()
     res = evaluate(Recorder(ds.horizon), ds, batch_size=7, amp=False, intervals=cal, interval_method=method)
     wall = time.perf_counter() - t0

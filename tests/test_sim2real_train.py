@@ -160,6 +160,11 @@ def test_bad_sim_data(files, tmp_path, capsys):
     fine = make_grid(T=96, H=3, W=3, step=1800, start=1383260400).save(tmp_path / "fine.npz")
     ds = build_sim_windows(fine, ["net"], 3600, 12, 6, 3, 3)
     assert ds.datasets[0].grid.step == 3600
+    # a model that reads cell identities cannot learn from simulated cities
+    args = [a for a in _args(files, tmp_path / "c", "sim2real.mode=mix", "train.epochs=1")
+            if not a.startswith("model.")]
+    assert main([*args, "model.name=historical-average", "data.season_days=0"]) == 2
+    assert "uses cell identities, which simulated cities do not share" in capsys.readouterr().err
 
 
 def test_config_keys(capsys):
@@ -421,3 +426,30 @@ def test_telling_param_picks_the_parameter_that_tracks_the_scenario_weights():
         assert telling_param(np.ones(12), scenario_of, params) == "flat"
     assert telling_param(weights, scenario_of, {"a": [1, 1, 1, 1], "b": [2, 2, 2, 2]}) == "a"
     assert telling_param(weights, scenario_of, None) is None
+
+
+def test_the_simulated_windows_read_the_configured_season_and_the_log_names_the_cap(files):
+    from simmstnet.train.sim2real_loop import build_sim, steps_rule
+
+    cfg = load_config(None, [*BASE, f"sim2real.sim_data={files['sim']}", "data.season_days=1",
+                             "data.season_stat=median", "train.max_windows_per_epoch=128"])
+    sim = build_sim(cfg, make_grid(T=24 * 6, services=("net",)))
+    assert {(d.season_days, d.season_stat) for d in sim.datasets} == {(1, "median")}
+    assert steps_rule(cfg, 512) == ("the same for every mode: 512 simulated windows, "
+                                    "train.max_windows_per_epoch=128 / batch size 64")
+    cfg.train.max_windows_per_epoch = None
+    assert steps_rule(cfg, 512) == "the same for every mode: 512 simulated windows / batch size 64"
+
+
+def test_a_checkpoint_without_a_sim2real_history_restores_an_empty_one():
+    from types import SimpleNamespace
+
+    from simmstnet.train.sim2real_loop import Sim2RealLoop
+
+    loop = Sim2RealLoop.__new__(Sim2RealLoop)  # the restore reads nothing else of the loop
+    got = []
+    loop.rw = SimpleNamespace(load_state_dict=got.append)
+    loop.load_checkpoint_state({"sim2real": {"t": 3}})
+    assert loop.history == [] and got == [{"t": 3}]
+    loop.load_checkpoint_state({"sim2real": {"t": 4}, "sim2real_history": [{"epoch": 1}]})
+    assert loop.history == [{"epoch": 1}]

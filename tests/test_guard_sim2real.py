@@ -11,29 +11,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from simmstnet.errors import UserError
 from simmstnet.train.sim2real import (BilevelReweighter, Sim2RealConfig, _subset, make_reweighter,
                                       warm_start_steps)
-
-FORMER = dict(upper_folds=1, learn_share=False, lambda_opt="adam", lr_lambda=0.2, dual_max=None,
-              dual_reg=0.0, plane_max_age=None)
-
-
-class Linear(nn.Module):
-    def __init__(self, d: int = 3):
-        super().__init__()
-        self.lin = nn.Linear(d, 1)
-
-    def forward(self, batch):
-        return self.lin(batch["x"]).squeeze(-1)
-
-
-def sq_loss(pred, batch):
-    return (pred - batch["y"]) ** 2
-
+from tests.test_sim2real import FORMER, Linear, sq_loss
 
 def data(n_sim=12, n_real=6, d=3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -48,7 +31,7 @@ def data(n_sim=12, n_real=6, d=3, seed=0):
 
 def model_at(seed=1):
     torch.manual_seed(seed)
-    return Linear().double()
+    return Linear(3).double()
 
 
 # -- the reference ---------------------------------------------------------------------------

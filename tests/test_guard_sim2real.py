@@ -16,16 +16,10 @@ from torch.func import functional_call
 from simmstnet.errors import UserError
 from simmstnet.train.sim2real import (BilevelReweighter, Sim2RealConfig, _subset, make_reweighter,
                                       warm_start_steps)
-from tests.test_sim2real import FORMER, Linear, sq_loss
+from tests.test_sim2real import FORMER, Linear, sq_loss, toy_data
 
-def data(n_sim=12, n_real=6, d=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs, xr = torch.randn(n_sim, d, generator=g), torch.randn(n_real, d, generator=g)
-    w = torch.randn(d, generator=g)
-    sim = {"x": xs.double(), "y": (xs @ w + 0.5 * torch.randn(n_sim, generator=g)).double(),
-           "index": torch.arange(n_sim)}
-    real = {"x": xr.double(), "y": (xr @ w + 0.3 * torch.randn(n_real, generator=g)).double(),
-            "index": torch.arange(n_real)}
+def data(n_sim=12, n_real=6):
+    sim, _, real, _ = toy_data(0, d=3, n_sim=n_sim, n_real=n_real, dtype=torch.float64)
     return sim, real
 
 

@@ -17,6 +17,7 @@ from simmstnet.train.distributed import DistInfo
 from simmstnet.train.trainer import (Trainer, _scarce_ranges, load_grid, make_scheduler, prepare_data,
                                      schedule_factor)
 from tests.conftest import make_grid
+from tests.train_helpers import tiny_config
 
 
 def _train_cfg(*overrides):
@@ -87,9 +88,9 @@ def test_scarce_ranges_at_a_step_that_does_not_divide_a_day_use_the_general_rule
         _scarce_ranges(grid, (0.6, 0.2, 0.2), 12, 3, 1)
 
 
-def _data_cfg(path, *overrides):
-    return load_config(None, [f"data.path={path}", "data.input_len=12", "data.horizon=3", "data.label_len=0",
-                              "data.split=[0.6,0.2,0.2]", *overrides])
+def _data_cfg(path, *overrides, model="sim-mstnet"):
+    return tiny_config(path.parent / "run", f"data.path={path}", "data.split=[0.6,0.2,0.2]", *overrides,
+                       model=model)
 
 
 def test_prepare_data_reads_the_file_at_the_configured_step_with_its_season(tmp_path):
@@ -103,7 +104,7 @@ def test_prepare_data_under_the_scarce_protocol_keeps_only_the_last_days(tmp_pat
     path = make_grid(T=24 * 10).save(tmp_path / "g.npz")
     cfg = _data_cfg(path, "data.train_days=3")
     data = prepare_data(cfg, allow_no_train=True)
-    ranges, fit = _scarce_ranges(data.grid, cfg.data.split, 12, 3, 3)
+    ranges, fit = _scarce_ranges(data.grid, cfg.data.split, cfg.data.input_len, cfg.data.horizon, 3)
     assert data.ranges == ranges and data.train.history_start == fit[0] > 0
     # a day is too short for one training window: no training windows, the scaler still has its day
     data = prepare_data(_data_cfg(path, "data.train_days=1", "data.input_len=24", "data.horizon=6"),
@@ -143,7 +144,7 @@ def test_the_forecast_plots_show_the_busiest_test_cell_one_step_ahead(tmp_path, 
 
     grid = make_grid(T=24 * 8, H=3, W=3, services=("net",))
     path = grid.save(tmp_path / "g.npz")
-    data = prepare_data(_data_cfg(path, "model.name=last-value"))
+    data = prepare_data(_data_cfg(path, model="last-value"))
     model = build_model("last-value", DataDims.from_dataset(data.train))
     seen = {}
     monkeypatch.setattr(plots, "plot_forecast", lambda times, truth, fc, out, title, **kw:

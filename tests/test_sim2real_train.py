@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -442,8 +443,6 @@ def test_the_simulated_windows_read_the_configured_season_and_the_log_names_the_
 
 
 def test_a_checkpoint_without_a_sim2real_history_restores_an_empty_one():
-    from types import SimpleNamespace
-
     from simmstnet.train.sim2real_loop import Sim2RealLoop
 
     loop = Sim2RealLoop.__new__(Sim2RealLoop)  # the restore reads nothing else of the loop
